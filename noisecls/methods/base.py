@@ -1,0 +1,245 @@
+"""DiffusionModule: what every method shares (schedule, optimizer, sampling, seeding).
+
+A method subclasses it with two things only: ``training_loss`` and ``denoiser``. Callbacks use
+the method-agnostic surface ``denoiser()``, ``sample()`` and ``log_likelihood()``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from noisecls.denoisers import Denoiser
+from noisecls.errors import NoiseclsError
+from noisecls.likelihood import ddpm_elbo_nll, ode_log_likelihood
+from noisecls.process.schedules import DiscreteSchedule, NoiseSchedule
+from noisecls.samplers import SamplerConfig, run_sampler
+
+
+@dataclass
+class PredictConfig:
+    """What ``noisecls predict`` generates: samples for seeds first_seed .. first_seed+num-1.
+
+    Args:
+        num_samples: exactly how many samples to write (sharded across DDP ranks, no repeats).
+        first_seed: seed of the first sample; image i uses seed first_seed + i.
+        batch_size: samples per sampler call (per rank).
+    """
+
+    num_samples: int = 64
+    first_seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.batch_size < 1 or self.first_seed < 0:
+            raise ValueError("predict needs num_samples >= 1, batch_size >= 1, first_seed >= 0")
+
+
+class SeedDataset(torch.utils.data.Dataset):
+    """Integer seeds first_seed .. first_seed + num_samples - 1 (one per sample to generate)."""
+
+    def __init__(self, num_samples: int, first_seed: int = 0) -> None:
+        self.num_samples, self.first_seed = num_samples, first_seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Tensor:
+        return torch.tensor(self.first_seed + index, dtype=torch.int64)
+
+
+class NonFiniteLossError(NoiseclsError):
+    """Training produced a NaN or infinite loss."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (base seed, step, rank, ...), stable across runs."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class DiffusionModule(L.LightningModule):
+    """Base LightningModule of every method.
+
+    Args:
+        schedule: the noise schedule training draws from and sampling walks down.
+        sampler: default sampler for ``sample()`` (and so for FID / sample-grid callbacks).
+        optimizer: optimizer factory (LightningCLI injects it from YAML); default Adam(2e-4).
+        lr_scheduler: optional LR-scheduler factory, stepped every optimizer step.
+        data_shape: shape of one sample, e.g. (3, 32, 32) or (2,); LightningCLI links it from
+            the DataModule's ``data_shape``.
+        seed: base seed of the per-step training noise (mixed with global step and rank, so a
+            run resumed from a checkpoint draws the same noise as an uninterrupted one).
+        predict: what ``noisecls predict`` generates (seeds and count).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        sampler: SamplerConfig | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        data_shape: Sequence[int] | None = None,
+        seed: int = 0,
+        predict: PredictConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.sampler = sampler or SamplerConfig()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.data_shape = tuple(data_shape) if data_shape is not None else None
+        self.seed = seed
+        self.predict_config = predict or PredictConfig()
+
+    # ---- what a method defines -----------------------------------------------------------
+    @abstractmethod
+    def training_loss(
+        self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss of a clean batch x0 [B, ...] and extra values to log by name."""
+
+    @abstractmethod
+    def denoiser(self) -> Denoiser:
+        """The method's Denoiser D(x, sigma, **cond) in sigma space."""
+
+    def log_likelihood(
+        self,
+        x: Tensor,
+        *,
+        estimator: Literal["ode", "elbo"] = "ode",
+        trace: Literal["exact", "hutchinson"] = "hutchinson",
+        num_steps: int = 64,
+        num_levels: int | None = None,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
+    ) -> Tensor:
+        """log p(x) in nats per sample [B] for continuous x [B, ...] (data scale).
+
+        "ode": the probability-flow ODE of ``denoiser()`` between the schedule's smallest and
+        largest sigma (trace exact or Hutchinson; ``num_steps`` RK4 steps). "elbo": the DDPM
+        variational bound (a lower bound on log p; discrete schedules only; ``num_levels``
+        levels drawn at random, or all). Methods with their own estimator override this.
+        """
+        cond = {"class_labels": class_labels} if class_labels is not None else None
+        if estimator == "elbo":
+            if not isinstance(self.schedule, DiscreteSchedule):
+                raise NoiseclsError("the ELBO estimator needs a DiscreteSchedule; use 'ode'")
+            return -ddpm_elbo_nll(self.denoiser(), x, self.schedule, num_levels=num_levels,
+                                  generator=generator, cond=cond)
+        sigmas = self.schedule.sampling_sigmas(2)
+        sigma_max, sigma_min = float(sigmas[0]), float(sigmas[-2])
+        return ode_log_likelihood(
+            self.denoiser(), x, sigma_min=sigma_min, sigma_max=sigma_max,
+            prior_std=self.schedule.terminal_std(sigma_max), num_steps=num_steps, trace=trace,
+            generator=generator, cond=cond,
+        )
+
+    # ---- training ------------------------------------------------------------------------
+    def step_generator(self, *salt: int) -> torch.Generator:
+        """Generator seeded by (seed, global step, rank, salt): reproducible and resumable."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(derive_seed(self.seed, self.global_step, self.global_rank, *salt))
+        return g
+
+    def class_labels(self, labels: Tensor | None) -> Tensor | None:
+        """Labels the network should see (None for unconditional methods)."""
+        return None
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        loss, extras = self.training_loss(x0, self.class_labels(labels), self.step_generator())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
+                "lower the learning rate or enable gradient clipping "
+                "(trainer.gradient_clip_val); the last saved checkpoint is intact"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        for name, value in extras.items():
+            self.log(f"train/{name}", value, batch_size=x0.shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, labels = batch
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_idx))
+        with torch.enable_grad():
+            loss, _ = self.training_loss(x0, self.class_labels(labels), g)
+        self.log("val/loss", loss.detach(), sync_dist=True, batch_size=x0.shape[0])
+
+    def configure_optimizers(self):  # noqa: ANN201 (Lightning's union return type)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.Adam(params, lr=2e-4)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- sampling ------------------------------------------------------------------------
+    def initial_noise(self, n: int, sigma_max: float, generator: torch.Generator | None) -> Tensor:
+        """x_T ~ N(0, terminal_std^2 I) in sigma space, [n, *data_shape]."""
+        if self.data_shape is None:
+            raise NoiseclsError(
+                "the model does not know the data shape; set model.init_args.data_shape "
+                "or train it with a DataModule (the CLI links data.data_shape)"
+            )
+        std = self.schedule.terminal_std(sigma_max)
+        shape = (n, *self.data_shape)
+        return std * torch.randn(shape, generator=generator, device=self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        sampler: SamplerConfig | None = None,
+        class_labels: Tensor | None = None,
+    ) -> tuple[Tensor, int]:
+        """Draw n samples [n, *data_shape] with ``sampler`` (default: the module's); returns
+        (samples, NFE). Gradients are enabled inside the denoiser where it needs them."""
+        config = sampler or self.sampler
+        sigmas = self.schedule.sampling_sigmas(config.num_steps)
+        x = self.initial_noise(n, float(sigmas[0]), generator)
+        cond = {"class_labels": class_labels} if class_labels is not None else None
+        return run_sampler(config, self.denoiser(), x, sigmas, generator=generator, cond=cond)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        """Seeds to generate; under DDP Lightning shards them across ranks without repeats."""
+        cfg = self.predict_config
+        dataset = SeedDataset(cfg.num_samples, cfg.first_seed)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """Samples for a batch of integer seeds [B] (see ``SeedDataset``): x_T of image i is
+        drawn from seed i, so a sample does not depend on the batch it lands in; stochastic
+        sampler noise comes from the batch's first seed."""
+        seeds = batch
+        noises = []
+        sigma_max = float(self.schedule.sampling_sigmas(self.sampler.num_steps)[0])
+        for s in seeds.tolist():
+            g = torch.Generator(device=self.device).manual_seed(int(s))
+            noises.append(self.initial_noise(1, sigma_max, g))
+        x = torch.cat(noises)
+        sigmas = self.schedule.sampling_sigmas(self.sampler.num_steps)
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(int(seeds[0]), 1))
+        samples, nfe = run_sampler(self.sampler, self.denoiser(), x, sigmas, generator=g)
+        return {"seeds": seeds, "samples": samples, "nfe": torch.tensor(nfe)}
+
+
+def bits_per_dim(nll_nats: Tensor, num_dims: int) -> Tensor:
+    """Convert a negative log-likelihood in nats per sample to bits per dimension."""
+    return nll_nats / (num_dims * math.log(2))

@@ -1,0 +1,86 @@
+"""Samplers: stateless functions ``sample_<name>(denoiser, x, sigmas, *, generator, cond)``.
+
+``SamplerConfig`` names one with its options (YAML-friendly) and ``run_sampler`` dispatches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from noisecls.denoisers import CountingDenoiser, Denoiser
+from noisecls.samplers.ode import sample_ddim, sample_dpm_solver_2, sample_euler, sample_heun
+from noisecls.samplers.sde import sample_ddpm
+
+SamplerName = Literal["euler", "ddim", "ddpm", "heun", "dpm_solver_2"]
+
+
+@dataclass
+class SamplerConfig:
+    """Which sampler to run and with what options.
+
+    Args:
+        name: euler | ddim | ddpm | heun | dpm_solver_2.
+        num_steps: number of sigma intervals (NFE: N for euler/ddim/ddpm, 2N - 1 for heun and
+            dpm_solver_2).
+        eta: DDIM stochasticity (ddim only).
+        s_churn, s_tmin, s_tmax, s_noise: EDM stochastic Heun options (heun only).
+    """
+
+    name: SamplerName = "heun"
+    num_steps: int = 18
+    eta: float = 0.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("euler", "ddim", "ddpm", "heun", "dpm_solver_2"):
+            raise ValueError(
+                f"unknown sampler {self.name!r}; use euler, ddim, ddpm, heun or dpm_solver_2"
+            )
+        if self.num_steps < 1:
+            raise ValueError(f"sampler num_steps must be >= 1, got {self.num_steps}")
+
+
+def run_sampler(
+    config: SamplerConfig,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+) -> tuple[Tensor, int]:
+    """Run the configured sampler from x at sigmas[0]; returns (samples, NFE)."""
+    counted = CountingDenoiser(denoiser)
+    common = {"generator": generator, "cond": cond}
+    if config.name == "euler":
+        out = sample_euler(counted, x, sigmas, **common)
+    elif config.name == "ddim":
+        out = sample_ddim(counted, x, sigmas, eta=config.eta, **common)
+    elif config.name == "ddpm":
+        out = sample_ddpm(counted, x, sigmas, **common)
+    elif config.name == "heun":
+        out = sample_heun(
+            counted, x, sigmas, s_churn=config.s_churn, s_tmin=config.s_tmin,
+            s_tmax=config.s_tmax, s_noise=config.s_noise, **common,
+        )
+    else:
+        out = sample_dpm_solver_2(counted, x, sigmas, **common)
+    return out, counted.nfe
+
+
+__all__ = [
+    "SamplerConfig",
+    "run_sampler",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpm_solver_2",
+    "sample_euler",
+    "sample_heun",
+]

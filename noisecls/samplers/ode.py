@@ -1,0 +1,173 @@
+"""Deterministic (probability-flow ODE) samplers and DDIM, as plain functions over a Denoiser.
+
+Every sampler takes x at sigmas[0] in sigma space (x = x0 + sigma·eps), a descending float64
+sigma grid ending in 0, an optional ``torch.Generator`` for any injected noise and ``cond`` (the
+denoiser's keyword arguments, e.g. class_labels), and returns x at sigmas[-1]. Step arithmetic
+is done in float64 on Python scalars; x keeps its dtype. ``callback(info)`` receives a dict
+with i, x, sigma, sigma_next and denoised after every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from noisecls.denoisers import Denoiser
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def call_denoiser(denoiser: Denoiser, x: Tensor, sigma: float, cond: dict | None) -> Tensor:
+    """D(x, sigma·1_B, **cond) for a scalar sigma."""
+    sigma_batch = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float64)
+    return denoiser(x, sigma_batch, **(cond or {}))
+
+
+def standard_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) noise shaped like x, drawn from ``generator``."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _check_sigmas(sigmas: Tensor) -> list[float]:
+    values = [float(s) for s in sigmas]
+    if len(values) < 2 or any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError("sigmas must be a strictly decreasing grid of at least two values")
+    if values[-1] < 0:
+        raise ValueError("sigmas must be non-negative")
+    return values
+
+
+def sample_euler(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler steps on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma.
+
+    In sigma space this is exactly deterministic DDIM (Song et al. 2021). NFE = len(sigmas) - 1.
+    """
+    values = _check_sigmas(sigmas)
+    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+        denoised = call_denoiser(denoiser, x, s, cond)
+        x = denoised + (s_next / s) * (x - denoised)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+    return x
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of a DDIM(eta) step sigma -> sigma_next in sigma space.
+
+    DDIM's sigma_eta (Song et al. 2021, eq. 16) rescaled to VE: sigma_up^2 =
+    eta^2 · sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, sigma_down^2 = sigma_next^2 -
+    sigma_up^2. eta = 1 is the DDPM posterior q(x_next | x, x0) (variance beta-tilde).
+    """
+    if sigma_next == 0:
+        return 0.0, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DDIM with stochasticity eta (0: deterministic, 1: DDPM ancestral). NFE = len(sigmas) - 1.
+
+    Each step: x_next = x0_hat + sigma_down·eps_hat + sigma_up·z, eps_hat = (x - x0_hat)/sigma.
+    """
+    values = _check_sigmas(sigmas)
+    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+        denoised = call_denoiser(denoiser, x, s, cond)
+        down, up = ancestral_step(s, s_next, eta)
+        x = denoised + (down / s) * (x - denoised)
+        if up > 0:
+            x = x + up * standard_noise(x, generator)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+    return x
+
+
+def sample_heun(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    corrector: Denoiser | None = None,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """EDM's 2nd-order Heun sampler (Karras et al. 2022, Algorithm 2), with optional churn.
+
+    With s_churn = 0 it is the deterministic ODE sampler (Algorithm 1): NFE = 2N - 1 for N steps
+    ending at sigma = 0. ``corrector`` (default: ``denoiser``) evaluates the second-order stage,
+    so a wrapper can act differently there (Discriminator Guidance weights its stages apart).
+    """
+    values = _check_sigmas(sigmas)
+    corrector = denoiser if corrector is None else corrector
+    num_steps = len(values) - 1
+    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+        gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= s <= s_tmax else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(s_hat**2 - s**2) * s_noise * standard_noise(x, generator)
+        denoised = call_denoiser(denoiser, x, s_hat, cond)
+        d = (x - denoised) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if s_next > 0:
+            d_next = (x_next - call_denoiser(corrector, x_next, s_next, cond)) / s_next
+            x_next = x + (s_next - s_hat) * 0.5 * (d + d_next)
+        x = x_next
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s_hat, "sigma_next": s_next, "denoised": denoised})
+    return x
+
+
+def sample_dpm_solver_2(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DPM-Solver-2 (Lu et al. 2022, Algorithm 4 with r1 = 1/2) in sigma space.
+
+    With lambda = -log sigma the midpoint is sigma_mid = sqrt(sigma·sigma_next); the update
+    x_next = x - (sigma - sigma_next)·eps_hat(x_mid, sigma_mid) is the exact exponential-
+    integrator step. The last step to sigma = 0 is first order. NFE = 2N - 1.
+    """
+    values = _check_sigmas(sigmas)
+    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+        denoised = call_denoiser(denoiser, x, s, cond)
+        d = (x - denoised) / s
+        if s_next == 0:
+            x = denoised
+        else:
+            s_mid = math.sqrt(s * s_next)
+            x_mid = x + (s_mid - s) * d
+            d_mid = (x_mid - call_denoiser(denoiser, x_mid, s_mid, cond)) / s_mid
+            x = x + (s_next - s) * d_mid
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+    return x
