@@ -26,10 +26,18 @@ def build(args: argparse.Namespace):
     from noisecls.process.schedules import DiscreteSchedule
 
     torch.manual_seed(0)
-    net = UNet(image_size=args.image_size, in_channels=3, model_channels=args.channels,
-               channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(args.image_size // 2,),
-               dropout=0.1)
-    return DDM(net=net, schedule=DiscreteSchedule(), data_shape=(3, args.image_size, args.image_size))
+    net = UNet(
+        image_size=args.image_size,
+        in_channels=3,
+        model_channels=args.channels,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(args.image_size // 2,),
+        dropout=0.1,
+    )
+    return DDM(
+        net=net, schedule=DiscreteSchedule(), data_shape=(3, args.image_size, args.image_size)
+    )
 
 
 def data(args: argparse.Namespace) -> torch.utils.data.DataLoader:
@@ -42,7 +50,6 @@ def data(args: argparse.Namespace) -> torch.utils.data.DataLoader:
 
 def run_lightning(args: argparse.Namespace) -> dict:
     import lightning as L
-
     from common import peak_memory_mib
 
     class StepTimer(L.Callback):
@@ -54,16 +61,24 @@ def run_lightning(args: argparse.Namespace) -> dict:
 
     model = build(args)
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-                        max_steps=args.steps + args.warmup, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.steps + args.warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(model, data(args))
     if args.device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - timer.start
-    return {"sec_per_step": elapsed / args.steps,
-            "peak_mib": peak_memory_mib(torch.device(args.device))}
+    return {
+        "sec_per_step": elapsed / args.steps,
+        "peak_mib": peak_memory_mib(torch.device(args.device)),
+    }
 
 
 def run_plain(args: argparse.Namespace) -> dict:
@@ -74,7 +89,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     start = None
-    for step, (x, y) in enumerate(data(args)):
+    for step, (x, _) in enumerate(data(args)):
         if step == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -87,8 +102,10 @@ def run_plain(args: argparse.Namespace) -> dict:
         opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"sec_per_step": (time.perf_counter() - start) / args.steps,
-            "peak_mib": peak_memory_mib(device)}
+    return {
+        "sec_per_step": (time.perf_counter() - start) / args.steps,
+        "peak_mib": peak_memory_mib(device),
+    }
 
 
 def main() -> None:
@@ -109,14 +126,20 @@ def main() -> None:
     results: dict[str, dict] = {}
     for _ in range(args.rounds):  # alternate the variants; keep each one's best round
         for variant in ("plain", "lightning"):
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             if variant not in results or r["sec_per_step"] < results[variant]["sec_per_step"]:
                 results[variant] = r
     plain, light = results["plain"], results["lightning"]
-    print(f"DDM training step, batch {args.batch}, {args.image_size}x{args.image_size}, "
-          f"width {args.channels}, device {args.device}, {args.steps} timed steps")
+    print(
+        f"DDM training step, batch {args.batch}, {args.image_size}x{args.image_size}, "
+        f"width {args.channels}, device {args.device}, {args.steps} timed steps"
+    )
     print(f"{'variant':<22}{'s/step':>10}{'peak MiB':>12}")
     print(f"{'hand-written loop':<22}{plain['sec_per_step']:>10.4f}{plain['peak_mib']:>12.0f}")
     print(f"{'noisecls + Lightning':<22}{light['sec_per_step']:>10.4f}{light['peak_mib']:>12.0f}")

@@ -26,7 +26,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_per_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+def time_per_call(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
+) -> float:
     """Median seconds per call of fn after ``warmup`` calls."""
     for _ in range(warmup):
         fn()

@@ -1,7 +1,7 @@
 """Run every benchmarks/bench_*.py in turn (small CPU defaults); extra args go to each script.
 
-    python benchmarks/run.py              # all
-    python benchmarks/run.py ddm cdm      # only bench_ddm.py and bench_cdm.py
+python benchmarks/run.py              # all
+python benchmarks/run.py ddm cdm      # only bench_ddm.py and bench_cdm.py
 """
 
 from __future__ import annotations

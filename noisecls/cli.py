@@ -48,7 +48,9 @@ class NoiseclsCLI(LightningCLI):
         return OneLineErrorParser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
+        parser.link_arguments(
+            "data.data_shape", "model.init_args.data_shape", apply_on="instantiate"
+        )
 
 
 def main(args: list[str] | None = None) -> None:

@@ -51,8 +51,9 @@ SAMPLERS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "sigmas", "opts", "nfe"), SAMPLERS,
-                         ids=[f"{s[0]}-{i}" for i, s in enumerate(SAMPLERS)])
+@pytest.mark.parametrize(
+    ("name", "sigmas", "opts", "nfe"), SAMPLERS, ids=[f"{s[0]}-{i}" for i, s in enumerate(SAMPLERS)]
+)
 def test_sampler_reproduces_the_mixture(mixture, data, name, sigmas, opts, nfe):
     samples, used = _sample(mixture, name, sigmas, **opts)
     assert used == nfe
@@ -83,8 +84,9 @@ def test_deterministic_samplers_follow_the_same_ode(mixture):
     den = mixture.denoiser()
     euler, _ = run_sampler(SamplerConfig("euler", 2000), den, x, karras_sigmas(2000, 0.002, 80.0))
     heun, _ = run_sampler(SamplerConfig("heun", 100), den, x, karras_sigmas(100, 0.002, 80.0))
-    dpm, _ = run_sampler(SamplerConfig("dpm_solver_2", 100), den, x,
-                         karras_sigmas(100, 0.002, 80.0))
+    dpm, _ = run_sampler(
+        SamplerConfig("dpm_solver_2", 100), den, x, karras_sigmas(100, 0.002, 80.0)
+    )
     assert (euler - heun).abs().max() < 0.05
     assert (dpm - heun).abs().max() < 0.05
 
@@ -110,5 +112,9 @@ def test_sampler_config_rejects_nonsense():
     with pytest.raises(ValueError, match="num_steps"):
         SamplerConfig(num_steps=0)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        run_sampler(SamplerConfig("euler", 2), lambda x, s: x, torch.zeros(2, 2),
-                    torch.tensor([1.0, 2.0, 0.0]))
+        run_sampler(
+            SamplerConfig("euler", 2),
+            lambda x, s: x,
+            torch.zeros(2, 2),
+            torch.tensor([1.0, 2.0, 0.0]),
+        )

@@ -94,7 +94,7 @@ def test_add_noise_matches_definition():
     a, sg = s.alpha(t).float(), s.sigma(t).float()
     assert torch.allclose(xt, a[:, None, None, None] * x0 + sg[:, None, None, None] * eps)
     # in sigma space the same sample is x0 + ve_sigma * eps
-    ve = (xt / a[:, None, None, None])
+    ve = xt / a[:, None, None, None]
     assert torch.allclose(ve, x0 + s.ve_sigma(t).float()[:, None, None, None] * eps, atol=1e-5)
 
 

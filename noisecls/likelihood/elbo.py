@@ -22,8 +22,12 @@ from noisecls.process.schedules import DiscreteSchedule
 
 
 def _denoise_at_level(
-    denoiser: Denoiser, x0: Tensor, level: Tensor, schedule: DiscreteSchedule,
-    generator: torch.Generator | None, cond: dict,
+    denoiser: Denoiser,
+    x0: Tensor,
+    level: Tensor,
+    schedule: DiscreteSchedule,
+    generator: torch.Generator | None,
+    cond: dict,
 ) -> Tensor:
     """x0_hat at levels [B] for x_t ~ q(x_t | x0)."""
     sigma = schedule.ve_sigma(level.double())
@@ -60,8 +64,9 @@ def ddpm_elbo_nll(
     prior_kl = 0.5 * (num_dims * (var - 1 - torch.log(var)) + mean_sq)
 
     # L_0: -log N(x0; x0_hat(x1), beta_1 I) in data scale
-    x0_hat = _denoise_at_level(denoiser, x0, torch.ones(x0.shape[0], device=x0.device),
-                               schedule, generator, cond)
+    x0_hat = _denoise_at_level(
+        denoiser, x0, torch.ones(x0.shape[0], device=x0.device), schedule, generator, cond
+    )
     err = (flat - x0_hat.flatten(1).double()).pow(2).sum(1)
     decoder_nll = 0.5 * err / betas[0] + 0.5 * num_dims * torch.log(2 * math.pi * betas[0])
 

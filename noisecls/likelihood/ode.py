@@ -71,13 +71,16 @@ def ode_log_likelihood(
     num_dims = x[0].numel()
     probes = None
     if trace == "hutchinson":
-        probes = torch.randint(
-            0, 2, (num_probes, *x.shape), generator=generator, device=x.device
-        ).to(x.dtype) * 2 - 1
+        probes = (
+            torch.randint(0, 2, (num_probes, *x.shape), generator=generator, device=x.device).to(
+                x.dtype
+            )
+            * 2
+            - 1
+        )
 
     def drift(state: Tensor, log_sigma: float) -> tuple[Tensor, Tensor]:
-        sigma = torch.full((x.shape[0],), math.exp(log_sigma), dtype=torch.float64,
-                           device=x.device)
+        sigma = torch.full((x.shape[0],), math.exp(log_sigma), dtype=torch.float64, device=x.device)
         denoised, tr = _divergence_of_denoiser(denoiser, state, sigma, trace, probes, cond)
         return state - denoised, num_dims - tr
 

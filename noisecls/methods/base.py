@@ -135,14 +135,26 @@ class DiffusionModule(L.LightningModule):
         if estimator == "elbo":
             if not isinstance(self.schedule, DiscreteSchedule):
                 raise NoiseclsError("the ELBO estimator needs a DiscreteSchedule; use 'ode'")
-            return -ddpm_elbo_nll(self.denoiser(), x, self.schedule, num_levels=num_levels,
-                                  generator=generator, cond=cond)
+            return -ddpm_elbo_nll(
+                self.denoiser(),
+                x,
+                self.schedule,
+                num_levels=num_levels,
+                generator=generator,
+                cond=cond,
+            )
         sigmas = self.schedule.sampling_sigmas(2)
         sigma_max, sigma_min = float(sigmas[0]), float(sigmas[-2])
         return ode_log_likelihood(
-            self.denoiser(), x, sigma_min=sigma_min, sigma_max=sigma_max,
-            prior_std=self.schedule.terminal_std(sigma_max), num_steps=num_steps, trace=trace,
-            generator=generator, cond=cond,
+            self.denoiser(),
+            x,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            prior_std=self.schedule.terminal_std(sigma_max),
+            num_steps=num_steps,
+            trace=trace,
+            generator=generator,
+            cond=cond,
         )
 
     # ---- training ------------------------------------------------------------------------
@@ -177,7 +189,7 @@ class DiffusionModule(L.LightningModule):
             loss, _ = self.training_loss(x0, self.class_labels(labels), g)
         self.log("val/loss", loss.detach(), sync_dist=True, batch_size=x0.shape[0])
 
-    def configure_optimizers(self):  # noqa: ANN201 (Lightning's union return type)
+    def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_factory is None:
             optimizer = torch.optim.Adam(params, lr=2e-4)
@@ -186,7 +198,10 @@ class DiffusionModule(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ---- sampling ------------------------------------------------------------------------
     def initial_noise(self, n: int, sigma_max: float, generator: torch.Generator | None) -> Tensor:

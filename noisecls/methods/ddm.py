@@ -64,9 +64,7 @@ class DDM(DiffusionModule):
     def denoiser(self) -> TrainableDenoiser:
         return self.model
 
-    def noisy_batch(
-        self, x0: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def noisy_batch(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """(x, sigma, eps) with x = x0 + sigma·eps at training sigmas drawn from the schedule."""
         t = self.schedule.sample_training_t(x0.shape[0], generator=generator, device=x0.device)
         sigma = self.schedule.ve_sigma(t)

@@ -66,7 +66,11 @@ class NoiseSchedule(ABC):
 
     @abstractmethod
     def sample_training_t(
-        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> Tensor:
         """Draw n training times from the schedule's training distribution, [n]."""
 
@@ -157,7 +161,9 @@ class DiscreteSchedule(NoiseSchedule):
             return self.alpha_bar.to(t.device)[t.long()]
         log_s = self._log_ve_sigma.to(t.device)
         idx = (t - 1).clamp(0, self.num_levels - 1)
-        lo = idx.floor().long().clamp(max=self.num_levels - 2) if self.num_levels > 1 else idx.long()
+        lo = (
+            idx.floor().long().clamp(max=self.num_levels - 2) if self.num_levels > 1 else idx.long()
+        )
         frac = idx - lo
         hi = (lo + 1).clamp(max=self.num_levels - 1)
         ve = torch.exp(log_s[lo] * (1 - frac) + log_s[hi] * frac)
@@ -185,7 +191,11 @@ class DiscreteSchedule(NoiseSchedule):
         return _t_tensor(t) - 1
 
     def sample_training_t(
-        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> Tensor:
         """Uniform integer levels in 1..T (float64 [n])."""
         t = torch.randint(1, self.num_levels + 1, (n,), generator=generator, device=device)
@@ -276,7 +286,11 @@ class LogSNRSchedule(NoiseSchedule):
         return 999 * _t_tensor(t)
 
     def sample_training_t(
-        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> Tensor:
         """Uniform t in [t_min, 1], float64 [n]."""
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
@@ -315,7 +329,11 @@ class VESchedule(NoiseSchedule):
         return torch.log(self.sigma(t)) / 4
 
     def sample_training_t(
-        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> Tensor:
         return torch.rand(n, generator=generator, device=device, dtype=torch.float64)
 
@@ -362,7 +380,11 @@ class EDMSchedule(NoiseSchedule):
         return torch.log(_t_tensor(t)) / 4
 
     def sample_training_t(
-        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> Tensor:
         z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
         return torch.exp(self.p_mean + self.p_std * z)

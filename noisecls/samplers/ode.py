@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ def standard_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def _check_sigmas(sigmas: Tensor) -> list[float]:
     values = [float(s) for s in sigmas]
-    if len(values) < 2 or any(b >= a for a, b in zip(values, values[1:], strict=False)):
+    if len(values) < 2 or any(b >= a for a, b in pairwise(values)):
         raise ValueError("sigmas must be a strictly decreasing grid of at least two values")
     if values[-1] < 0:
         raise ValueError("sigmas must be non-negative")
@@ -55,7 +56,7 @@ def sample_euler(
     In sigma space this is exactly deterministic DDIM (Song et al. 2021). NFE = len(sigmas) - 1.
     """
     values = _check_sigmas(sigmas)
-    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+    for i, (s, s_next) in enumerate(pairwise(values)):
         denoised = call_denoiser(denoiser, x, s, cond)
         x = denoised + (s_next / s) * (x - denoised)
         if callback is not None:
@@ -91,7 +92,7 @@ def sample_ddim(
     Each step: x_next = x0_hat + sigma_down·eps_hat + sigma_up·z, eps_hat = (x - x0_hat)/sigma.
     """
     values = _check_sigmas(sigmas)
-    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+    for i, (s, s_next) in enumerate(pairwise(values)):
         denoised = call_denoiser(denoiser, x, s, cond)
         down, up = ancestral_step(s, s_next, eta)
         x = denoised + (down / s) * (x - denoised)
@@ -125,7 +126,7 @@ def sample_heun(
     values = _check_sigmas(sigmas)
     corrector = denoiser if corrector is None else corrector
     num_steps = len(values) - 1
-    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+    for i, (s, s_next) in enumerate(pairwise(values)):
         gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= s <= s_tmax else 0.0
         s_hat = s * (1 + gamma)
         if gamma > 0:
@@ -158,7 +159,7 @@ def sample_dpm_solver_2(
     integrator step. The last step to sigma = 0 is first order. NFE = 2N - 1.
     """
     values = _check_sigmas(sigmas)
-    for i, (s, s_next) in enumerate(zip(values, values[1:], strict=False)):
+    for i, (s, s_next) in enumerate(pairwise(values)):
         denoised = call_denoiser(denoiser, x, s, cond)
         d = (x - denoised) / s
         if s_next == 0:

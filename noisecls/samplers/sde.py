@@ -25,5 +25,6 @@ def sample_ddpm(
     space is DDIM with eta = 1. On a strided grid the step uses the strided betas
     1 - alpha_bar_next / alpha_bar (not the unstrided beta_t). NFE = len(sigmas) - 1.
     """
-    return sample_ddim(denoiser, x, sigmas, eta=1.0, generator=generator, cond=cond,
-                       callback=callback)
+    return sample_ddim(
+        denoiser, x, sigmas, eta=1.0, generator=generator, cond=cond, callback=callback
+    )
