@@ -6,7 +6,7 @@ PY ?= .venv/bin/python
 install:
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" -c constraints.txt
 
 test:
 	$(PY) -m pytest -q
