@@ -11,7 +11,8 @@ import sys
 from typing import Any, NoReturn
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from noisecls.errors import NoiseclsError
@@ -29,23 +30,59 @@ class OneLineErrorParser(LightningArgumentParser):
     """Argument parser whose errors are one line (no usage dump): ``noisecls: error: ...``."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not getattr(self, "exit_on_error", True):
-            raise ex if ex is not None else ValueError(message)  # nested parsers re-raise
+        if not self.exit_on_error:
+            super().error(message, ex)  # raises ArgumentError for jsonargparse to handle
         hint = " (run `noisecls <subcommand> --help` or `--print_config` to list valid keys)"
         sys.stderr.write(f"noisecls: error: {_one_line(message)}{hint}\n")
         sys.exit(EXIT_USAGE)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The user's problem inside a jsonargparse instantiation error: the innermost exception
+    raised outside jsonargparse (e.g. a network's configuration check), else the error's own
+    "- reason" lines (Union alternatives that merely failed to be None are skipped)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for exc in reversed(chain):
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and "jsonargparse" not in tb.tb_frame.f_code.co_filename:
+            return _one_line(str(exc))
+    reasons = [
+        line.strip()[2:]
+        for line in str(err).splitlines()
+        if line.strip().startswith("- ") and "NoneType" not in line
+    ]
+    return _one_line("; ".join(reasons) if reasons else str(err))
 
 
 class NoiseclsCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
     Defaults: inference mode off (CDM's denoiser, DG guidance and ODE likelihoods need input
-    gradients in validate / test / predict), a Rich progress bar, config.yaml overwritten on
+    gradients in validate / test / predict), a Rich progress bar (unless
+    ``trainer.enable_progress_bar: false`` or another bar is configured), config.yaml overwritten on
     re-runs. ``data.data_shape`` is linked into ``model.init_args.data_shape``.
     """
 
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        return OneLineErrorParser(**kwargs)
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise NoiseclsError(f"invalid configuration: {_root_cause(err)}") from err
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Add a Rich progress bar unless progress bars are off or one is configured."""
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in configured
+        ):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
@@ -61,8 +98,9 @@ def main(args: list[str] | None = None) -> None:
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            trainer_defaults={"inference_mode": False, "callbacks": [RichProgressBar()]},
+            trainer_defaults={"inference_mode": False},
             save_config_kwargs={"overwrite": True},
+            parser_class=OneLineErrorParser,
             args=args,
         )
     except NoiseclsError as err:

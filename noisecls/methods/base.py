@@ -157,12 +157,45 @@ class DiffusionModule(L.LightningModule):
             cond=cond,
         )
 
+    # ---- checks at start ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Fail fast, in one line, when the network cannot take the data's shape: one training
+        loss on a zero batch of two (shape errors surface here, not deep inside a step)."""
+        if self.data_shape is None:
+            return
+        x = torch.zeros(2, *self.data_shape, device=self.device)
+        labels = torch.zeros(2, dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        try:
+            with torch.enable_grad():
+                self.training_loss(x, self.class_labels(labels), generator)
+        except (ValueError, RuntimeError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise NoiseclsError(
+                f"the model cannot take data of shape {self.data_shape}: {first_line}"
+            ) from err
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, in one line, a checkpoint written by another method."""
+        saved = checkpoint.get("hyper_parameters", {}).get("_class_path")
+        mine = f"{type(self).__module__}.{type(self).__qualname__}"
+        if saved is not None and saved.rsplit(".", 1)[-1] != type(self).__qualname__:
+            raise NoiseclsError(
+                f"the checkpoint was written by {saved} but the config builds {mine}; "
+                "pass the config of the method that wrote it"
+            )
+
     # ---- training ------------------------------------------------------------------------
     def step_generator(self, *salt: int) -> torch.Generator:
         """Generator seeded by (seed, global step, rank, salt): reproducible and resumable."""
         g = torch.Generator(device=self.device)
         g.manual_seed(derive_seed(self.seed, self.global_step, self.global_rank, *salt))
         return g
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        """Reseed the global RNG (dropout, any unseeded draw) from (seed, step, rank), so a
+        resumed run reproduces the uninterrupted one."""
+        torch.manual_seed(derive_seed(self.seed, self.global_step, self.global_rank, 7))
 
     def class_labels(self, labels: Tensor | None) -> Tensor | None:
         """Labels the network should see (None for unconditional methods)."""
@@ -182,12 +215,20 @@ class DiffusionModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=x0.shape[0])
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def evaluation_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
+        """The training loss on held-out data with fixed noise per batch, logged as
+        ``{stage}/loss`` (gradients enabled: some methods' losses need input gradients)."""
         x0, labels = batch
         g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_idx))
         with torch.enable_grad():
             loss, _ = self.training_loss(x0, self.class_labels(labels), g)
-        self.log("val/loss", loss.detach(), sync_dist=True, batch_size=x0.shape[0])
+        self.log(f"{stage}/loss", loss.detach(), sync_dist=True, batch_size=x0.shape[0])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.evaluation_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.evaluation_loss(batch, batch_idx, "test")
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

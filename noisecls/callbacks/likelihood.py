@@ -1,0 +1,175 @@
+"""Negative log-likelihood on the held-out split, in bits per dimension.
+
+Method-agnostic: it calls ``pl_module.log_likelihood(x, ...)`` (log p(x) in nats per example),
+whatever estimator the method provides (the probability-flow ODE or the DDPM ELBO of
+:class:`~noisecls.methods.base.DiffusionModule`, CDM's one-pass estimator, ...). Options the
+method's ``log_likelihood`` does not accept are left out (with a warning), so a method may
+override it with fewer or more options (``estimator_kwargs`` passes extra ones).
+
+Quantised data (the DataModule's ``num_bins`` is set: 256 for 8-bit images, 17 for the digits) are
+uniformly dequantized first and reported as discrete bits/dim (Theis et al. 2016; see
+:mod:`noisecls.likelihood.dequantize`); continuous data (toys) as continuous bits/dim and also
+nats/dim.
+
+Held-out split: validation during fit / validate, test in ``noisecls test``; its first
+``num_samples`` examples (all when None). DDP: global batch b of ``batch_size`` examples is
+processed by rank b % world_size with randomness (dequantization noise, Hutchinson probes) from
+``derive_seed(seed, b)``; per-example log-likelihoods are gathered in global order, so every
+example is counted exactly once and the value does not depend on the number of ranks.
+
+Logged: ``val/nll_bpd`` (and ``val/nll_nats_per_dim`` for continuous data); ``test/...`` in test.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from noisecls.callbacks.results import (
+    EvaluationCallback,
+    Stopwatch,
+    gather_round,
+    heldout_dataset,
+    local_batches,
+    metric_prefix,
+    record_metric,
+    should_evaluate,
+    split_batch,
+    supported_kwargs,
+)
+from noisecls.likelihood import dequantize, nll_to_bits_per_dim
+from noisecls.methods.base import derive_seed
+
+__all__ = ["NLLCallback"]
+
+
+class NLLCallback(EvaluationCallback):
+    """Held-out NLL in bits/dim through ``pl_module.log_likelihood``.
+
+    Args:
+        num_samples: held-out examples to evaluate (the first ones of the split); None: all.
+        estimator: passed as ``estimator=`` ("ode", "elbo", or a method's own); None: the
+            method's default.
+        trace: "exact" or "hutchinson" (ODE estimator); None: the method's default.
+        num_steps: integration steps (ODE estimator); None: the method's default.
+        every_n_epochs: during fit, evaluate after epochs e with (e + 1) % n == 0.
+        batch_size: examples per ``log_likelihood`` call, per rank.
+        seed: base seed of dequantization noise and estimator randomness.
+        dequantize: dequantize when the DataModule has ``num_bins`` (else always continuous).
+        estimator_kwargs: further keyword arguments for ``log_likelihood`` (e.g. num_levels).
+
+    Attributes:
+        last_result: after each evaluation: bpd, nats_per_dim, count (examples, all ranks),
+            local_count (this rank), seconds.
+    """
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        estimator: str | None = None,
+        trace: str | None = None,
+        num_steps: int | None = None,
+        every_n_epochs: int = 1,
+        batch_size: int = 128,
+        seed: int = 0,
+        dequantize: bool = True,
+        estimator_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if batch_size < 1 or (num_samples is not None and num_samples < 1):
+            raise ValueError("NLLCallback needs batch_size >= 1 and num_samples >= 1 (or None)")
+        self.num_samples = num_samples
+        self.estimator = estimator
+        self.trace = trace
+        self.num_steps = num_steps
+        self.every_n_epochs = every_n_epochs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.dequantize = dequantize
+        self.estimator_kwargs = dict(estimator_kwargs or {})
+        self.last_result: dict[str, Any] = {}
+        self._warned = False
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if should_evaluate(trainer, self.every_n_epochs):
+            self.evaluate(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def _options(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        wanted = {"estimator": self.estimator, "trace": self.trace, "num_steps": self.num_steps}
+        wanted = {k: v for k, v in wanted.items() if v is not None} | self.estimator_kwargs
+        accepted, dropped = supported_kwargs(pl_module.log_likelihood, wanted)
+        if dropped and not self._warned:
+            rank_zero_warn(
+                f"NLLCallback: {type(pl_module).__name__}.log_likelihood takes no "
+                f"{', '.join(dropped)}; those options are ignored"
+            )
+            self._warned = True
+        return accepted
+
+    def describe(self, pl_module: L.LightningModule) -> str:
+        """The estimator as a short string for results tables, e.g. ``ode(exact,64)``."""
+        options = self._options(pl_module)
+        name = str(options.get("estimator", "default"))
+        extras = [str(options[k]) for k in ("trace", "num_steps") if k in options]
+        return f"{name}({','.join(extras)})" if extras else name
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Compute and log the held-out NLL; returns ``last_result``."""
+        dataset = heldout_dataset(trainer)
+        n = len(dataset)  # type: ignore[arg-type]
+        if self.num_samples is not None:
+            n = min(n, self.num_samples)
+        dm = trainer.datamodule
+        num_bins = getattr(dm, "num_bins", None) if self.dequantize else None
+        options = self._options(pl_module)
+        accepts_labels = "class_labels" in supported_kwargs(
+            pl_module.log_likelihood, {"class_labels": None}
+        )[0]
+        device = pl_module.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = local_count = 0
+        num_dims = None
+        with Stopwatch() as watch, torch.inference_mode(False), torch.no_grad():
+            for b, batch in local_batches(dataset, n, self.batch_size, trainer):
+                nll = None
+                if batch is not None:
+                    x, y = split_batch(batch)
+                    x = x.to(device=device, dtype=torch.float32)
+                    num_dims = x[0].numel()
+                    g = torch.Generator(device=device).manual_seed(derive_seed(self.seed, b))
+                    if num_bins is not None:
+                        x = dequantize(x, num_bins, generator=g)
+                    kwargs = dict(options, generator=g)
+                    if accepts_labels and y is not None:
+                        labels = pl_module.class_labels(y.to(device))
+                        if labels is not None:
+                            kwargs["class_labels"] = labels
+                    nll = -pl_module.log_likelihood(x, **kwargs).detach().to(torch.float64)
+                    local_count += x.shape[0]
+                for rows in gather_round(
+                    trainer, nll, self.batch_size, (), torch.float64, device
+                ):
+                    total += rows.sum()
+                    count += rows.shape[0]
+        if num_dims is None:  # a rank without examples: the data shape says it
+            num_dims = math.prod(getattr(dm, "data_shape", None) or pl_module.data_shape)
+        mean_nll = total / count
+        bpd = float(nll_to_bits_per_dim(mean_nll, num_dims, num_bins))
+        nats = float(mean_nll) / num_dims
+        self.last_result = {"bpd": bpd, "nats_per_dim": nats, "count": count,
+                            "local_count": local_count, "seconds": watch.seconds}  # fmt: skip
+        prefix = metric_prefix(trainer)
+        values = {"nll_bpd": bpd}
+        if num_bins is None:
+            values["nll_nats_per_dim"] = nats
+        for name, value in values.items():
+            pl_module.log(f"{prefix}/{name}", value, sync_dist=True)
+            record_metric(trainer, f"{prefix}/{name}", value, samples=count,
+                          sampler=self.describe(pl_module), seconds=watch.seconds)  # fmt: skip
+        return self.last_result
