@@ -20,7 +20,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from noisecls.process.schedules import NoiseSchedule, broadcast_like
+from noisecls.errors import NoiseclsError
+from noisecls.process.schedules import DiscreteSchedule, NoiseSchedule, broadcast_like
 
 
 @runtime_checkable
@@ -184,3 +185,127 @@ class CountingDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
         self.nfe += 1
         return self.denoiser(x, sigma, **cond)
+
+
+class CDMDenoiser(nn.Module):
+    """CDM's gradient denoiser (Yadin et al. 2024, Theorem 3.1) over a noise-level classifier.
+
+    The classifier ``net(x_t, None, class_labels) -> f [B, T + 2]`` scores the levels
+    {0 (clean, alpha_bar = 1), 1..T (the schedule's), T + 1 (pure noise, alpha_bar = 0)}, with
+    f_t(x) ~ log p(t | x) up to a per-x constant, for x_t = sqrt(abar_t)·x0 + sqrt(1 - abar_t)·eps
+    (VP scaling, no time input). Eq. (8):
+
+        eps_hat(x_t, t) = sqrt(1 - abar_t)·(grad_x [f_{T+1}(x) - f_t(x)] at x_t + x_t),
+
+    exact for the cross-entropy-optimal classifier under any level prior with full support. The
+    gradient of a whole batch comes from one autograd call on sum_b F_b (sample b's F depends
+    on x_b only). As a Denoiser, sigma [B] maps to the level t(sigma) of the schedule; a level
+    between two integers (Heun / DPM-Solver midpoints) interpolates f_t linearly between them,
+    which is exact at integer levels. Gradients are enabled inside; the output is detached unless
+    the caller differentiates through x (x.requires_grad, e.g. an ODE likelihood's divergence).
+
+    Args:
+        net: the classifier backbone (a ``LogitsHead(num_logits=T + 2, cumsum=True)``).
+        schedule: the DiscreteSchedule of levels 1..T.
+        null_label: the label the net reserves for "no class" (its num_classes), used when a
+            class-conditional net is called without labels; None for unconditional nets.
+    """
+
+    def __init__(
+        self, net: nn.Module, schedule: DiscreteSchedule, null_label: int | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(schedule, DiscreteSchedule):
+            raise ValueError("the CDM denoiser needs a DiscreteSchedule (levels 0..T+1)")
+        self.net = net
+        self.schedule = schedule
+        self.null_label = null_label
+
+    @property
+    def num_levels(self) -> int:
+        """T: levels 0..T+1 give T + 2 logits."""
+        return self.schedule.num_levels
+
+    def level_alpha_bar(self, device: torch.device | None = None) -> Tensor:
+        """alpha_bar of levels 0..T+1, float64 [T + 2]: 1, the schedule's, then 0."""
+        abar = self.schedule.alpha_bar
+        return torch.cat([abar, abar.new_zeros(1)]).to(device)
+
+    def logits(self, x_t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """f(x_t) [B, T + 2] for x_t [B, ...] in VP scaling (class_labels [B] or None)."""
+        if class_labels is None and self.null_label is not None:
+            class_labels = torch.full(
+                (x_t.shape[0],), self.null_label, device=x_t.device, dtype=torch.long
+            )
+        f = self.net(x_t, None, class_labels)
+        expected = (x_t.shape[0], self.num_levels + 2)
+        if tuple(f.shape) != expected:
+            raise ValueError(
+                f"the CDM classifier returned logits of shape {list(f.shape)}, expected "
+                f"{list(expected)}: set the head's num_logits to T + 2 = {expected[1]}"
+            )
+        return f
+
+    def predict_eps(
+        self,
+        x_t: Tensor,
+        level: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """(eps_hat [B, ...], logits [B, T + 2]) at x_t [B, ...] (VP scaling) and levels [B].
+
+        ``level`` is float in [0, T + 1] (fractional levels interpolate the logits). eps_hat is
+        0 at level 0 and x_t at level T + 1 by construction (Algorithm 1's remark). With
+        ``create_graph`` the result stays differentiable in the parameters (training: the MSE
+        loss backpropagates through the input gradient).
+        """
+        level = level.to(device=x_t.device, dtype=torch.float64)
+        lo = level.floor().long().clamp(0, self.num_levels + 1)
+        hi = level.ceil().long().clamp(0, self.num_levels + 1)
+        with torch.enable_grad():
+            x_in = x_t if x_t.requires_grad else x_t.detach().requires_grad_(True)
+            f = self.logits(x_in, class_labels)
+            frac = (level - lo).to(f.dtype)[:, None]
+            f_t = torch.lerp(f.gather(1, lo[:, None]), f.gather(1, hi[:, None]), frac)[:, 0]
+            big_f = f[:, -1] - f_t  # F(x, t) = f_{T+1}(x) - f_t(x)
+            (grad,) = torch.autograd.grad(big_f.sum(), x_in, create_graph=create_graph)
+        abar = self._alpha_bar_at(level)
+        eps = broadcast_like((1 - abar).sqrt(), x_t) * (grad + x_in)
+        return eps, f
+
+    def add_noise(self, x0: Tensor, level: Tensor, eps: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t)·x0 + sqrt(1 - abar_t)·eps (eq. 3) at integer levels [B] in 0..T+1."""
+        abar = self.level_alpha_bar(x0.device)[level.long()]
+        return broadcast_like(abar.sqrt(), x0) * x0 + broadcast_like((1 - abar).sqrt(), x0) * eps
+
+    def _alpha_bar_at(self, level: Tensor) -> Tensor:
+        """alpha_bar at float levels [B] in [0, T + 1] (0 at T + 1; schedule lookup below)."""
+        inside = level.clamp(max=self.num_levels)
+        abar = self.schedule.alpha(inside) ** 2
+        return torch.where(level > self.num_levels, torch.zeros_like(abar), abar)
+
+    def level_from_sigma(self, sigma: Tensor) -> Tensor:
+        """Level t(sigma) in [1, T], float64 [B]; within 1e-6 of an integer it snaps to it."""
+        level = self.schedule.t_from_ve_sigma(sigma)
+        nearest = level.round()
+        return torch.where((level - nearest).abs() < 1e-6, nearest, level)
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
+        """x0_hat [B, ...] for x = x0 + sigma·eps in sigma space, sigma [B]."""
+        if torch.is_inference_mode_enabled():
+            raise NoiseclsError(
+                "the CDM denoiser needs input gradients, which inference mode forbids: set "
+                "trainer.inference_mode: false (the noisecls CLI default)"
+            )
+        differentiate = torch.is_grad_enabled() and x.requires_grad
+        if x.is_inference():
+            x = x.clone()
+        level = self.level_from_sigma(sigma.to(x.device))
+        a = broadcast_like(self.schedule.alpha(level).to(x.device), x)
+        eps, _ = self.predict_eps(
+            a * x, level, cond.get("class_labels"), create_graph=differentiate
+        )
+        denoised = x - broadcast_like(sigma.to(x.device), x) * eps
+        return denoised if differentiate else denoised.detach()
