@@ -13,6 +13,7 @@ from torch import Tensor
 
 from noisecls.denoisers import CountingDenoiser, Denoiser
 from noisecls.samplers.ode import sample_ddim, sample_dpm_solver_2, sample_euler, sample_heun
+from noisecls.samplers.parallel import ParallelSampleResult, sample_parallel
 from noisecls.samplers.sde import sample_ddpm
 
 SamplerName = Literal["euler", "ddim", "ddpm", "heun", "dpm_solver_2"]
@@ -76,6 +77,7 @@ def run_sampler(
 
 
 __all__ = [
+    "ParallelSampleResult",
     "SamplerConfig",
     "run_sampler",
     "sample_ddim",
@@ -83,4 +85,5 @@ __all__ = [
     "sample_dpm_solver_2",
     "sample_euler",
     "sample_heun",
+    "sample_parallel",
 ]

@@ -1,0 +1,314 @@
+"""CDL: Contrastive Diffusion Loss (Wu, Luo, Kong, Papalexakis & Ver Steeg, NeurIPS 2024).
+
+A denoiser implies log-densities through the ITD estimate (``noisecls.likelihood.itd``), hence a
+noise classifier: clean x (y = +1) against the same x noised at log-SNR zeta (y = -1), with the
+Bayes-optimal logit
+
+    logit(u) = log p(u) - log p_zeta(u),       L_CDL = E softplus(-y·logit(u))      (CDL eq. 8)
+
+both densities estimated from the one denoiser with common random numbers (same log-SNRs, same
+channel noise), so their Monte Carlo noise cancels in the logit. The training loss is DDM's
+denoising loss + ``cdl_weight``·L_CDL on ``cdl_examples`` examples of each batch. It trains from
+scratch or fine-tunes a DDM checkpoint (``init_from``), under any schedule: the estimator only
+calls the sigma-space denoiser (sigma = exp(-a/2); for EDM D(x) = x - sigma·eps_hat).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from noisecls.errors import NoiseclsError
+from noisecls.likelihood.itd import (
+    GaussianReference,
+    ITDConfig,
+    itd_integration_draws,
+    itd_log_density_at,
+    itd_log_likelihood,
+    itd_log_snr_range,
+    truncated_logistic,
+)
+from noisecls.methods.base import PredictConfig
+from noisecls.methods.ddm import DDM
+from noisecls.process.schedules import NoiseSchedule
+from noisecls.samplers import SamplerConfig
+
+
+@dataclass
+class ZetaConfig:
+    """Distribution of the negatives' log-SNR zeta.
+
+    Args:
+        distribution: "logistic" (truncated at loc ± clip·scale; the official CIFAR-10 default
+            loc 10.5, scale 1.5, clip 3) or "uniform" on [low, high].
+    """
+
+    distribution: Literal["logistic", "uniform"] = "logistic"
+    loc: float = 10.5
+    scale: float = 1.5
+    clip: float = 3.0
+    low: float = 6.0
+    high: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.distribution not in ("logistic", "uniform"):
+            raise ValueError(
+                f"zeta.distribution must be logistic or uniform, got {self.distribution!r}"
+            )
+        if self.scale <= 0 or self.clip <= 0 or not self.low < self.high:
+            raise ValueError("zeta needs scale > 0, clip > 0 and low < high")
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        """n log-SNRs, float64 [n]."""
+        if self.distribution == "uniform":
+            u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+            return self.low + (self.high - self.low) * u
+        half = self.clip * self.scale
+        zeta, _ = truncated_logistic(
+            (n,), self.loc, self.scale, self.loc - half, self.loc + half,
+            generator=generator, device=device,
+        )  # fmt: skip
+        return zeta
+
+
+class CDL(DDM):
+    """DDM + the contrastive diffusion loss; log_likelihood defaults to the ITD estimate.
+
+    Args:
+        net, schedule, prediction, class_conditional: as in ``DDM``.
+        cdl_weight: weight of L_CDL added to the denoising loss (0: plain DDM).
+        cdl_examples: examples per batch that enter L_CDL (each gives a positive x and a
+            negative x_zeta).
+        cdl_points: ITD log-SNR points per density estimate inside the loss.
+        zeta: distribution of the negatives' log-SNR.
+        itd: ITD estimator options (importance distribution, reference) for the loss and for
+            ``log_likelihood``; ``itd.num_points`` is the evaluation default.
+        init_from: a DDM or CDL checkpoint whose weights initialise the network (fine-tuning).
+        Others: see ``DiffusionModule``.
+
+    The Gaussian reference (data mean and covariance) comes from the DataModule's
+    ``train_statistics()`` at setup, or ``set_reference``; it is saved in checkpoints.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        prediction: Literal["eps", "x0", "v", "edm"] = "eps",
+        class_conditional: bool = False,
+        cdl_weight: float = 1.0,
+        cdl_examples: int = 16,
+        cdl_points: int = 4,
+        zeta: ZetaConfig | None = None,
+        itd: ITDConfig | None = None,
+        init_from: str | None = None,
+        sampler: SamplerConfig | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        data_shape: Sequence[int] | None = None,
+        seed: int = 0,
+        predict: PredictConfig | None = None,
+    ) -> None:
+        super().__init__(
+            net, schedule, prediction, class_conditional, sampler, optimizer, lr_scheduler,
+            data_shape, seed, predict,
+        )  # fmt: skip
+        self.save_hyperparameters(ignore=["net"])
+        if cdl_weight < 0 or cdl_examples < 1 or cdl_points < 1:
+            raise ValueError("CDL needs cdl_weight >= 0, cdl_examples >= 1 and cdl_points >= 1")
+        self.cdl_weight, self.cdl_examples, self.cdl_points = cdl_weight, cdl_examples, cdl_points
+        self.zeta = zeta or ZetaConfig()
+        self.itd = itd or ITDConfig()
+        self.register_buffer("ref_mean", None, persistent=False)
+        self.register_buffer("ref_eigenvalues", None, persistent=False)
+        self.register_buffer("ref_eigenvectors", None, persistent=False)
+        if init_from is not None:
+            self.load_denoiser_weights(init_from)
+
+    # ---- fine-tuning ----------------------------------------------------------------------
+    def load_denoiser_weights(self, path: str) -> None:
+        """Initialise from a DDM / CDL checkpoint of the same network and prediction."""
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError) as err:
+            raise NoiseclsError(f"cannot read init_from checkpoint {path!r}: {err}") from err
+        hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+        writer = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
+        if writer and writer not in ("DDM", "CDL"):
+            raise NoiseclsError(
+                f"init_from {path!r} was written by {writer}; CDL fine-tunes DDM or CDL checkpoints"
+            )
+        if hparams.get("prediction", self.hparams.prediction) != self.hparams.prediction:
+            raise NoiseclsError(
+                f"init_from {path!r} predicts {hparams['prediction']!r} but this CDL predicts "
+                f"{self.hparams.prediction!r}; set model.init_args.prediction to match"
+            )
+        state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+        if state is None:
+            raise NoiseclsError(f"init_from {path!r} is not a Lightning checkpoint (no state_dict)")
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise NoiseclsError(
+                f"init_from {path!r} does not fit this network ({first}); use the net "
+                "init_args of the run that wrote it"
+            ) from err
+
+    # ---- the Gaussian reference -----------------------------------------------------------
+    def set_reference(self, mean: Tensor, covariance: Tensor) -> None:
+        """Fit the ITD Gaussian reference to a data mean [D] and covariance [D, D]."""
+        ref = GaussianReference.fit(
+            mean, covariance, min_eigenvalue=self.itd.min_eigenvalue,
+            diagonal=self.itd.reference == "diagonal",
+        )  # fmt: skip
+        self._store_reference(ref)
+
+    def _store_reference(self, ref: GaussianReference) -> None:
+        self.ref_mean = ref.mean.to(self.device)
+        self.ref_eigenvalues = ref.eigenvalues.to(self.device)
+        vec = ref.eigenvectors
+        self.ref_eigenvectors = None if vec is None else vec.to(self.device)
+
+    @property
+    def reference(self) -> GaussianReference:
+        """The Gaussian reference of the ITD estimator (set at setup or by ``set_reference``)."""
+        if self.ref_mean is None:
+            raise NoiseclsError(
+                "CDL needs the training data's mean and covariance: train it with a noisecls "
+                "DataModule (train_statistics) or call set_reference(mean, covariance)"
+            )
+        return GaussianReference(self.ref_mean, self.ref_eigenvalues, self.ref_eigenvectors)
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if self.ref_mean is None and hasattr(datamodule, "train_statistics"):
+            self.set_reference(*datamodule.train_statistics())
+        super().setup(stage)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ref_mean is not None:
+            ref = self.reference
+            checkpoint["cdl_reference"] = {
+                "mean": ref.mean.cpu(),
+                "eigenvalues": ref.eigenvalues.cpu(),
+                "eigenvectors": None if ref.eigenvectors is None else ref.eigenvectors.cpu(),
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("cdl_reference")
+        if saved is not None:
+            self._store_reference(
+                GaussianReference(saved["mean"], saved["eigenvalues"], saved["eigenvectors"])
+            )
+
+    # ---- the estimator, the classifier and the loss -----------------------------------------
+    def log_snr_limits(self) -> tuple[float, float]:
+        """Log-SNR range the schedule trains on: (-2 log sigma_max, -2 log sigma_min)."""
+        sigmas = self.schedule.sampling_sigmas(2)
+        return -2 * math.log(float(sigmas[0])), -2 * math.log(float(sigmas[-2]))
+
+    def noise_classifier_logit(
+        self,
+        u: Tensor,
+        zeta: Tensor,
+        *,
+        num_points: int,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
+    ) -> Tensor:
+        """log p(u) - log p_zeta(u) [N] for points u [N, ...] and zeta [N] (float64).
+
+        The two ITD estimates share their log-SNR draws and channel noise and run in one
+        denoiser call of 2·N·num_points rows.
+        """
+        ref = self.reference
+        loc, scale, low, high = itd_log_snr_range(self.itd, ref, self.log_snr_limits())
+        a, w, eps = itd_integration_draws(u, num_points, loc, scale, low, high, generator)
+        clean = torch.full_like(zeta, math.inf, dtype=torch.float64)
+        cond = {"class_labels": class_labels.repeat(2)} if class_labels is not None else None
+        both = itd_log_density_at(
+            self.denoiser(), torch.cat([u, u]), ref, a.repeat(2, 1), w.repeat(2, 1),
+            eps.repeat(2, *[1] * (eps.ndim - 1)),
+            data_log_snr=torch.cat([clean, zeta.to(torch.float64)]),
+            control_variate=self.itd.control_variate, cond=cond,
+        )  # fmt: skip
+        log_p, log_p_zeta = both.chunk(2)
+        return log_p - log_p_zeta
+
+    def contrastive_loss(
+        self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """(L_CDL, classification accuracy) on clean x0 [n, ...] and their zeta-noised copies."""
+        n = x0.shape[0]
+        zeta = self.zeta.sample(n, generator, x0.device)
+        s = torch.sigmoid(zeta).to(x0.dtype).reshape(n, *[1] * (x0.ndim - 1))
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noisy = s.sqrt() * x0 + (1 - s).sqrt() * eps  # VP channel at zeta
+        u = torch.cat([x0, noisy])
+        sign = torch.cat([x0.new_ones(n), -x0.new_ones(n)]).to(torch.float64)
+        logit = self.noise_classifier_logit(
+            u, zeta.repeat(2), num_points=self.cdl_points, generator=generator,
+            class_labels=None if labels is None else labels.repeat(2),
+        )  # fmt: skip
+        loss = F.softplus(-sign * logit).mean()
+        accuracy = (sign * logit > 0).to(torch.float64).mean()
+        return loss, accuracy
+
+    def training_loss(
+        self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        denoise, extras = super().training_loss(x0, labels, generator)
+        if self.cdl_weight == 0:
+            return denoise, extras
+        n = min(self.cdl_examples, x0.shape[0])
+        cdl, accuracy = self.contrastive_loss(
+            x0[:n], None if labels is None else labels[:n], generator
+        )
+        total = denoise + self.cdl_weight * cdl.to(denoise.dtype)
+        return total, {
+            **extras,
+            "denoise_loss": denoise.detach(),
+            "cdl_loss": cdl.detach(),
+            "cdl_accuracy": accuracy,
+        }
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        x: Tensor,
+        *,
+        estimator: Literal["itd", "ode", "elbo"] = "itd",
+        trace: Literal["exact", "hutchinson"] = "hutchinson",
+        num_steps: int = 64,
+        num_levels: int | None = None,
+        num_points: int | None = None,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
+    ) -> Tensor:
+        """log p(x) in nats [B]; "itd" (default): the ITD estimate with ``num_points`` log-SNR
+        points (default ``itd.num_points``) within the schedule's log-SNR range; "ode" / "elbo"
+        as in ``DiffusionModule``."""
+        if estimator != "itd":
+            with torch.enable_grad():
+                return super().log_likelihood(
+                    x, estimator=estimator, trace=trace, num_steps=num_steps,
+                    num_levels=num_levels, generator=generator, class_labels=class_labels,
+                )  # fmt: skip
+        config = self.itd
+        if num_points is not None:
+            config = ITDConfig(**{**vars(self.itd), "num_points": num_points})
+        cond = {"class_labels": class_labels} if class_labels is not None else None
+        return itd_log_likelihood(
+            self.denoiser(), x, self.reference, config, log_snr_limits=self.log_snr_limits(),
+            generator=generator, cond=cond,
+        )  # fmt: skip
