@@ -7,14 +7,18 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
+import torch
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from noisecls.callbacks.samples import SampleWriter
 from noisecls.errors import NoiseclsError
 from noisecls.methods.base import DiffusionModule
 
@@ -60,6 +64,15 @@ def _root_cause(err: BaseException) -> str:
     return _one_line("; ".join(reasons) if reasons else str(err))
 
 
+def _import_class(class_path: str) -> type:
+    """The class a dotted path names (one-line error when it cannot be imported)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise NoiseclsError(f"the checkpoint names an unknown class {class_path}") from err
+
+
 class NoiseclsCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
@@ -76,13 +89,44 @@ class NoiseclsCLI(LightningCLI):
             raise NoiseclsError(f"invalid configuration: {_root_cause(err)}") from err
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Add a Rich progress bar unless progress bars are off or one is configured."""
+        """Add a Rich progress bar unless progress bars are off or one is configured; for
+        ``predict``, a SampleWriter into ``{default_root_dir}/samples`` unless one is configured."""
         configured = [*(config.get("callbacks") or []), *callbacks]
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
             callbacks = [*callbacks, RichProgressBar()]
+        if self.subcommand == "predict" and not any(
+            isinstance(c, BasePredictionWriter) for c in configured
+        ):
+            root = Path(config.get("default_root_dir") or ".")
+            callbacks = [*callbacks, SampleWriter(str(root / "samples"))]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's hyperparameters from ``--ckpt_path`` (Lightning's behaviour), except
+        the evaluation-time ones the module lists in ``evaluation_hparams`` (sampler, predict,
+        ...): those keep the values of the config and command line, so ``noisecls predict
+        --ckpt_path ... --model.init_args.predict.num_samples N`` does what it says."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError) as err:
+            reason = _one_line(str(err))
+            raise NoiseclsError(f"cannot read checkpoint {ckpt_path}: {reason}") from err
+        hparams = dict(ckpt.get("hyper_parameters", {}) or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if not hparams or class_path is None:
+            return
+        module = _import_class(class_path)
+        for key in getattr(module, "evaluation_hparams", ()):
+            hparams.pop(key, None)
+        model = {"class_path": class_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(

@@ -291,18 +291,16 @@ class SampleWriter(BasePredictionWriter):
         self._prepared = False
         self.skipped_seeds = set()
         self.written = []
-        # the predict loop asks the DataModule if one is attached, else the module
-        owners = [o for o in (trainer.datamodule, pl_module) if o is not None]
-        for owner in owners:
-            original = owner.predict_dataloader
+        # the predict loop asks the DataModule when one is attached, else the module
+        owner = trainer.datamodule if trainer.datamodule is not None else pl_module
+        original = owner.predict_dataloader
 
-            def filtered(original: Any = original) -> Any:
-                loader = original()
-                done = self._prepare(trainer, trainer.lightning_module)
-                return self._without(loader, done)
+        def filtered() -> Any:
+            done = self._prepare(trainer, trainer.lightning_module)
+            return self._without(original(), done)
 
-            owner.predict_dataloader = filtered  # instance attribute; removed in teardown
-            self._wrapped.append((owner, "predict_dataloader"))
+        owner.predict_dataloader = filtered  # instance attribute; removed in teardown
+        self._wrapped.append((owner, "predict_dataloader"))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for owner, name in self._wrapped:

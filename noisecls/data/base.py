@@ -11,8 +11,8 @@ Conventions of every DataModule in :mod:`noisecls.data`:
 * ``data_shape`` (shape of one x), ``num_classes`` (None when unlabelled) and ``num_bins``
   (quantisation levels for dequantized bits/dim, None for continuous data) are known at
   construction, before any data is read, so the CLI can link ``data.data_shape`` into the model.
-* splits are fixed by a seed; the training loader shuffles (permutation a function of seed and
-  epoch, so resumed runs see the same batches) and
+* splits are fixed by a seed; the training loader shuffles (batches a function of seed, global
+  step and rank, so resumed runs see the same batches) and
   drops the last incomplete batch, validation / test loaders keep the order and every sample.
 * :meth:`NoiseclsDataModule.train_covariance` gives the covariance of the flattened training
   data (CDL's estimator needs its spectrum), computed lazily and cached.
@@ -26,9 +26,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from noisecls.data.sampling import StepIndexedSampler
 from noisecls.errors import NoiseclsError
 
 __all__ = [
@@ -237,15 +238,13 @@ class NoiseclsDataModule(L.LightningDataModule):
         workers = self.num_workers
         sampler = None
         if train:
-            # Shuffle through a DistributedSampler built for this rank (world size 1 on one
-            # device): its permutation depends on (seed, epoch) only, and Lightning calls its
-            # set_epoch, so a run resumed from a checkpoint sees the same batches as an
-            # uninterrupted one; Lightning leaves an existing DistributedSampler in place.
+            # Batches are a function of (seed, global step, rank): a run resumed from a
+            # checkpoint sees the same batches as an uninterrupted one (see data.sampling).
             trainer = getattr(self, "trainer", None)
             rank = int(trainer.global_rank) if trainer is not None else 0
-            sampler = DistributedSampler(
-                dataset, num_replicas=self.world_size, rank=rank, shuffle=True, seed=self.seed,
-                drop_last=True,
+            sampler = StepIndexedSampler(
+                dataset, batch_size, num_replicas=self.world_size, rank=rank, seed=self.seed,
+                current_step=lambda: trainer.global_step if trainer is not None else 0,
             )  # fmt: skip
         return DataLoader(
             dataset,
@@ -269,6 +268,14 @@ class NoiseclsDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order."""
         return self._loader(self._require("test"), self.per_device_batch_size("test"), False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """What ``noisecls predict`` generates comes from the model (its seeds to sample), not
+        from the data: Lightning asks an attached DataModule, so this hands the question on."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            raise NoiseclsError("predict needs a model attached to the trainer")
+        return module.predict_dataloader()
 
     # ------------------------------------------------------------------ statistics
     def reference_dataset(self) -> Dataset:

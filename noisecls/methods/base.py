@@ -81,7 +81,12 @@ class DiffusionModule(L.LightningModule):
         seed: base seed of the per-step training noise (mixed with global step and rank, so a
             run resumed from a checkpoint draws the same noise as an uninterrupted one).
         predict: what ``noisecls predict`` generates (seeds and count).
+
+    ``evaluation_hparams`` names the init arguments that only steer evaluation: the CLI takes
+    them from the config / command line rather than from a ``--ckpt_path`` checkpoint.
     """
+
+    evaluation_hparams: tuple[str, ...] = ("sampler", "predict")
 
     def __init__(
         self,
