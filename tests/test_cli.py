@@ -20,8 +20,10 @@ SMALL_TOY = [
 ]  # fmt: skip
 
 
-def noisecls(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+def noisecls(
+    *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "noisecls.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -187,3 +189,20 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
         assert all(torch.isfinite(v).all() for v in [*ema.values(), *raw.values()]
                    if v.is_floating_point())
     assert not list((tmp_path / "diverge").rglob("*.tmp*")), "no half-written files"
+
+
+def test_wandb_logger_from_yaml_runs_offline(tmp_path):
+    logger = tmp_path / "wandb_logger.yaml"
+    logger.write_text(
+        "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.WandbLogger\n"
+        "    init_args:\n      project: noisecls-test\n      save_dir: wandb_runs\n"
+    )
+    env_offline = {"WANDB_MODE": "offline"}
+    out = noisecls(
+        "fit", "--config", TOY, "--config", str(logger), *SMALL_TOY,
+        "--trainer.max_steps", "5", cwd=tmp_path, env=env_offline,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "wandb_runs" / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1, list((tmp_path / "wandb_runs").rglob("*"))
+    assert runs[0].stat().st_size > 0
