@@ -186,8 +186,9 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
         state = torch.load(path, map_location="cpu", weights_only=False)
         assert 1 <= state["global_step"] < 50
         ema, raw = state["state_dict"], state["current_model_state"]
-        assert all(torch.isfinite(v).all() for v in [*ema.values(), *raw.values()]
-                   if v.is_floating_point())
+        assert all(
+            torch.isfinite(v).all() for v in [*ema.values(), *raw.values()] if v.is_floating_point()
+        )
     assert not list((tmp_path / "diverge").rglob("*.tmp*")), "no half-written files"
 
 
