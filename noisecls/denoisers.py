@@ -15,13 +15,20 @@ correction) live here too, next to classifier-free guidance.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from noisecls.errors import NoiseclsError
-from noisecls.process.schedules import DiscreteSchedule, NoiseSchedule, broadcast_like
+from noisecls.process.schedules import (
+    DiscreteSchedule,
+    LogSNRSchedule,
+    NoiseSchedule,
+    broadcast_like,
+)
 
 
 @runtime_checkable
@@ -43,9 +50,17 @@ class TrainableDenoiser(nn.Module):
     (eps, x0, v or EDM's F target) without dividing by small sigmas; ``forward`` is the Denoiser.
     """
 
+    net: nn.Module
+
+    def network_input(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_in [B, ...], noise_in [B]): what the backbone sees for sigma-space x and sigma [B]
+        (its own scaling and noise-level input; a frozen feature extractor reuses this)."""
+        raise NotImplementedError
+
     def network_output(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
         """Raw network output at sigma-space input x [B, ...], sigma [B]."""
-        raise NotImplementedError
+        x_in, noise_in = self.network_input(x, sigma)
+        return self.net(x_in, noise_in, cond.get("class_labels"))
 
     def target(self, x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
         """What ``network_output`` should equal for x = x0 + sigma·eps, [B, ...]."""
@@ -87,11 +102,10 @@ class PredictionDenoiser(TrainableDenoiser):
         t = self.schedule.t_from_ve_sigma(sigma)
         return t, self.schedule.alpha(t), self.schedule.sigma(t)
 
-    def network_output(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
+    def network_input(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         t, a, _ = self._scales(sigma)
         x_in = broadcast_like(a, x) * x
-        noise_in = self.schedule.noise_input(t).to(device=x.device, dtype=x.dtype)
-        return self.net(x_in, noise_in, cond.get("class_labels"))
+        return x_in, self.schedule.noise_input(t).to(device=x.device, dtype=x.dtype)
 
     def target(self, x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
         if self.prediction == "eps":
@@ -132,9 +146,9 @@ class EDMDenoiser(TrainableDenoiser):
         c_in = 1 / (s**2 + sd2).sqrt()
         return c_skip, c_out, c_in, s.log() / 4
 
-    def network_output(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
+    def network_input(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         _, _, c_in, c_noise = self._coefficients(sigma)
-        return self.net(broadcast_like(c_in, x) * x, c_noise.to(x), cond.get("class_labels"))
+        return broadcast_like(c_in, x) * x, c_noise.to(x)
 
     def target(self, x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
         c_skip, c_out, _, _ = self._coefficients(sigma)
@@ -309,3 +323,122 @@ class CDMDenoiser(nn.Module):
         )
         denoised = x - broadcast_like(sigma.to(x.device), x) * eps
         return denoised if differentiate else denoised.detach()
+
+
+class DiscriminatorGuidedDenoiser(nn.Module):
+    """Discriminator Guidance (Kim et al. 2023, eq. 8) as a Denoiser wrapper.
+
+    The guided score is s_theta + w·grad_x log(d/(1 - d)) with d the real-vs-fake discriminator;
+    in sigma space, where score = (D - x)/sigma^2, that is
+
+        D_dg(x, sigma) = D(x, sigma) + w·sigma^2·grad_x log(d/(1 - d))(x_vp, tau),
+
+    where the discriminator lives on the linear VP SDE: tau(sigma) solves 1 + sigma^2 =
+    exp(B(tau)) and x_vp = x / sqrt(1 + sigma^2) (``schedule.t_from_ve_sigma`` and
+    ``schedule.alpha``). The gradient is taken with respect to the sigma-space x, so the chain
+    rule factor 1/sqrt(1 + sigma^2) is included. With the Bayes-optimal discriminator
+    d* = p_t / (p_t + q_t), log(d*/(1 - d*)) = log p_t - log q_t and D_dg is exactly the data
+    denoiser (Theorem 1). The correction costs one forward + backward pass of the discriminator
+    and no extra evaluations of ``denoiser``.
+
+    Args:
+        denoiser: the score model's Denoiser.
+        discriminator: ``discriminator(x_vp [B, ...], tau float64 [B], class_labels) -> logit
+            [B]`` (log(d/(1 - d)) before clipping).
+        schedule: the discriminator's VP schedule (``LogSNRSchedule(kind="linear")``).
+        weight: w (the paper's first-order Heun weight is 2.0).
+        time_min, time_max: the correction applies where tau(sigma) lies in [time_min, time_max]
+            (per sample; defaults 0.01 and 1.0 as in the paper).
+        prob_clip: d is clipped to [prob_clip, 1 - prob_clip] (1e-5 as in training), i.e. the
+            logit to +-log((1 - c)/c) (zero gradient where saturated); 0 disables clipping.
+        boost_factor, boost_period: adaptive boosting (the paper's appendix; official sampler):
+            on every ``boost_period``-th call (counted from ``reset()``) the correction of
+            samples that the discriminator judges fake (logit < 0) is multiplied by
+            ``boost_factor``. ``boost_factor = 1`` disables it. Counting calls assumes one call per
+            sampler step (the first-order stage).
+
+    The output is detached unless the caller differentiates through x (x.requires_grad with
+    gradients enabled, e.g. an ODE likelihood's divergence), then the graph is kept.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        discriminator: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+        schedule: LogSNRSchedule,
+        weight: float = 2.0,
+        time_min: float = 0.01,
+        time_max: float = 1.0,
+        prob_clip: float = 1e-5,
+        boost_factor: float = 1.0,
+        boost_period: int = 2,
+    ) -> None:
+        super().__init__()
+        if not isinstance(schedule, LogSNRSchedule) or schedule.kind != "linear":
+            raise NoiseclsError(
+                "the DG discriminator lives on the linear VP SDE: pass "
+                "LogSNRSchedule(kind='linear') as its schedule"
+            )
+        if not 0.0 <= prob_clip < 0.5:
+            raise NoiseclsError(f"prob_clip must lie in [0, 0.5), got {prob_clip}")
+        if boost_period < 1 or boost_factor < 0:
+            raise NoiseclsError("boost_period must be >= 1 and boost_factor >= 0")
+        self.denoiser = denoiser
+        self.discriminator = discriminator
+        self.schedule = schedule
+        self.weight = weight
+        self.time_min, self.time_max = time_min, time_max
+        self.prob_clip = prob_clip
+        self.boost_factor, self.boost_period = boost_factor, boost_period
+        self.calls = 0
+        self.last_log_ratio: Tensor | None = None
+
+    def reset(self) -> None:
+        """Restart the call counter of adaptive boosting (call before each sampling run)."""
+        self.calls = 0
+
+    def log_ratio(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """Clipped log(d/(1 - d)) [B] at sigma-space x [B, ...] and sigma [B] (differentiable)."""
+        tau = self.schedule.t_from_ve_sigma(sigma.to(x.device))
+        x_vp = broadcast_like(self.schedule.alpha(tau).to(x.device), x) * x
+        logit = self.discriminator(x_vp, tau, class_labels).reshape(x.shape[0])
+        if self.prob_clip > 0:
+            bound = math.log((1 - self.prob_clip) / self.prob_clip)
+            logit = logit.clamp(-bound, bound)
+        return logit
+
+    def correction(
+        self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, *, create_graph: bool
+    ) -> Tensor:
+        """w·sigma^2·grad_x log(d/(1 - d)) [B, ...], zero outside [time_min, time_max]."""
+        sigma = sigma.to(x.device)
+        tau = self.schedule.t_from_ve_sigma(sigma)
+        active = (tau >= self.time_min) & (tau <= self.time_max)
+        self.calls += 1
+        if self.weight == 0 or not bool(active.any()):
+            self.last_log_ratio = None
+            return torch.zeros_like(x)
+        with torch.enable_grad():
+            x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+            log_ratio = self.log_ratio(x_in, sigma, class_labels)
+            (grad,) = torch.autograd.grad(log_ratio.sum(), x_in, create_graph=create_graph)
+        self.last_log_ratio = log_ratio.detach()
+        scale = self.weight * sigma.to(torch.float64) ** 2 * active.to(torch.float64)
+        if self.boost_factor != 1 and (self.calls - 1) % self.boost_period == 0:
+            boost = torch.where(log_ratio.detach() < 0, self.boost_factor, 1.0)
+            scale = scale * boost.to(scale)
+        return broadcast_like(scale, x) * grad
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise NoiseclsError(
+                "Discriminator Guidance needs input gradients, which inference mode forbids: set "
+                "trainer.inference_mode: false (the noisecls CLI default)"
+            )
+        differentiate = torch.is_grad_enabled() and x.requires_grad
+        if x.is_inference():
+            x = x.clone()
+        denoised = self.denoiser(x, sigma, **cond)
+        extra = self.correction(x, sigma, cond.get("class_labels"), create_graph=differentiate)
+        out = denoised + extra.to(denoised.dtype)
+        return out if differentiate else out.detach()

@@ -206,10 +206,11 @@ class SampleWriter(BasePredictionWriter):
 
     Each batch of seeds (``DiffusionModule.predict_step`` returns ``{"seeds", "samples", "nfe"}``)
     becomes ``output_dir/samples_{first_seed:08d}-{last_seed:08d}.npz`` with ``samples`` (float32,
-    data scale, [B, *data_shape]), ``seeds`` (int64 [B]) and, for image data, ``images`` (uint8
-    [B, H, W, C]). Files are written under a temporary name and renamed (``os.replace``), so a
-    file that exists is complete. Under DDP Lightning shards the seeds without repeats
-    (UnrepeatedDistributedSampler) and the seed-range names keep ranks from colliding.
+    data scale, [B, *data_shape]), ``seeds`` (int64 [B]), for class-conditional models ``labels``
+    (int64 [B]) and, for image data, ``images`` (uint8 [B, H, W, C]). Files are written under a
+    temporary name and renamed (``os.replace``), so a file that exists is complete. Under DDP
+    Lightning shards the seeds without repeats (UnrepeatedDistributedSampler) and the seed-range
+    names keep ranks from colliding.
 
     ``manifest.json`` identifies the run: model class, sampler config, data shape, schedule and the
     SHA-256 of the model's weights (plus, for information, the checkpoint path). Writing into a
@@ -306,7 +307,8 @@ class SampleWriter(BasePredictionWriter):
         for owner, name in self._wrapped:
             owner.__dict__.pop(name, None)
         self._wrapped = []
-        if stage == "predict" and trainer.is_global_zero and not (self.output_dir / "grid.png").exists():
+        grid_missing = not (self.output_dir / "grid.png").exists()
+        if stage == "predict" and trainer.is_global_zero and grid_missing:
             self._write_grid(pl_module)  # also when every seed was already written
 
     def _without(self, loader: Any, done: set[int]) -> Any:
@@ -345,6 +347,8 @@ class SampleWriter(BasePredictionWriter):
         if path.exists():
             return  # complete (atomic) file of this run: never overwritten
         arrays = {"samples": samples.numpy().astype(np.float32), "seeds": seeds.numpy()}
+        if prediction.get("labels") is not None:  # class-conditional models
+            arrays["labels"] = torch.as_tensor(prediction["labels"]).cpu().to(torch.int64).numpy()
         if is_image_shape(samples.shape[1:]):
             arrays["images"] = to_uint8_images(samples).permute(0, 2, 3, 1).contiguous().numpy()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -276,7 +276,7 @@ class DiffusionModule(L.LightningModule):
         sigmas = self.schedule.sampling_sigmas(config.num_steps)
         x = self.initial_noise(n, float(sigmas[0]), generator)
         cond = {"class_labels": class_labels} if class_labels is not None else None
-        return run_sampler(config, self.denoiser(), x, sigmas, generator=generator, cond=cond)
+        return self.run_sampler(config, x, sigmas, generator=generator, cond=cond)
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         """Seeds to generate; under DDP Lightning shards them across ranks without repeats."""
@@ -284,21 +284,64 @@ class DiffusionModule(L.LightningModule):
         dataset = SeedDataset(cfg.num_samples, cfg.first_seed)
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
 
+    def run_sampler(
+        self,
+        config: SamplerConfig,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        cond: dict | None = None,
+    ) -> tuple[Tensor, int]:
+        """Run ``config`` on ``denoiser()`` from x at sigmas[0]: (samples, NFE). Methods whose
+        denoiser differs between sampler stages (DG's Heun weights) override this."""
+        return run_sampler(config, self.denoiser(), x, sigmas, generator=generator, cond=cond)
+
+    def predict_num_classes(self) -> int | None:
+        """Number of classes to draw generation labels from: the attached DataModule's, else the
+        network's ``num_classes``; None when unknown."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        num_classes = getattr(datamodule, "num_classes", None)
+        if num_classes is None:
+            num_classes = getattr(getattr(self, "net", None), "num_classes", None)
+        return num_classes
+
+    def predict_labels(self, seeds: Tensor) -> Tensor | None:
+        """Class labels [B] for the samples of integer seeds [B] of a class-conditional model
+        (uniform over ``predict_num_classes()``, drawn from each sample's seed, so a label does
+        not depend on the batch it lands in); None for unconditional models."""
+        num_classes = self.predict_num_classes()
+        probe = torch.zeros(1, dtype=torch.long, device=self.device)
+        if num_classes is None or self.class_labels(probe) is None:
+            return None
+        labels = [
+            torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
+                derive_seed(int(s), 2)))
+            for s in seeds.tolist()
+        ]  # fmt: skip
+        return self.class_labels(torch.cat(labels).to(self.device))
+
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """Samples for a batch of integer seeds [B] (see ``SeedDataset``): x_T of image i is
-        drawn from seed i, so a sample does not depend on the batch it lands in; stochastic
-        sampler noise comes from the batch's first seed."""
+        drawn from seed i (and, for class-conditional models, its label, returned as
+        ``labels``), so a sample does not depend on the batch it lands in; stochastic sampler
+        noise comes from the batch's first seed."""
         seeds = batch
         noises = []
-        sigma_max = float(self.schedule.sampling_sigmas(self.sampler.num_steps)[0])
+        sigmas = self.schedule.sampling_sigmas(self.sampler.num_steps)
         for s in seeds.tolist():
             g = torch.Generator(device=self.device).manual_seed(int(s))
-            noises.append(self.initial_noise(1, sigma_max, g))
+            noises.append(self.initial_noise(1, float(sigmas[0]), g))
         x = torch.cat(noises)
-        sigmas = self.schedule.sampling_sigmas(self.sampler.num_steps)
+        labels = self.predict_labels(seeds)
+        cond = {"class_labels": labels} if labels is not None else None
         g = torch.Generator(device=self.device).manual_seed(derive_seed(int(seeds[0]), 1))
-        samples, nfe = run_sampler(self.sampler, self.denoiser(), x, sigmas, generator=g)
-        return {"seeds": seeds, "samples": samples, "nfe": torch.tensor(nfe)}
+        samples, nfe = self.run_sampler(self.sampler, x, sigmas, generator=g, cond=cond)
+        out = {"seeds": seeds, "samples": samples, "nfe": torch.tensor(nfe)}
+        if labels is not None:
+            out["labels"] = labels
+        return out
 
 
 def bits_per_dim(nll_nats: Tensor, num_dims: int) -> Tensor:

@@ -1,0 +1,113 @@
+"""Discriminator Guidance cost: one sampling step with DG (score network forward + discriminator
+forward and backward) vs the unguided step, and the pipeline's cost split (fake-sample
+generation, discriminator training) as in the paper's budget table.
+
+All measured side by side in one run on the same score network, discriminator and batch:
+
+    python benchmarks/bench_dg.py                                  # CPU, digits-sized nets
+    python benchmarks/bench_dg.py --device cuda --image-size 32 --channels 128 --batch 256
+
+Prints seconds per denoiser call (unguided / DG), their ratio, the NFE of a Heun run with and
+without DG (DG adds no score evaluations), then the split: seconds to generate ``--num-fake``
+samples and to train ``--train-steps`` discriminator steps, extrapolated to the paper's budget
+(``--paper-fake`` samples, ``--paper-steps`` steps) at this speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import noisecls  # noqa: F401  (before lightning / torchvision)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import synchronize, time_per_call
+
+
+def build(args: argparse.Namespace, device: torch.device):
+    from noisecls.methods.ddm import DDM
+    from noisecls.methods.dg import DG, GuidanceConfig
+    from noisecls.nets import ScalarHead, UNet
+    from noisecls.process.schedules import DiscreteSchedule
+
+    torch.manual_seed(0)
+    size, ch = args.image_size, args.channels
+    mult = (1, 2, 2) if size >= 16 else (1, 2)
+    score = DDM(
+        UNet(size, 3, ch, mult, 2, (size // 2,), dropout=0.0),
+        DiscreteSchedule(),
+        data_shape=(3, size, size),
+    )
+    disc_net = UNet(size, 3, ch // 2, mult, 1, (size // 2,), dropout=0.0, head=ScalarHead())
+    dg = DG(disc_net, score_model=score, guidance=GuidanceConfig(weight=2.0))
+    return score.to(device), dg.to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=18, help="Heun steps")
+    parser.add_argument("--num-fake", type=int, default=256)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--paper-fake", type=int, default=50000)
+    parser.add_argument("--paper-steps", type=int, default=23460, help="60 epochs of 100k/256")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    from noisecls.samplers import SamplerConfig
+
+    score, dg = build(args, device)
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    x = torch.randn(shape, device=device)
+    sigma = torch.full((args.batch,), 1.0, device=device, dtype=torch.float64)
+    plain, guided = score.denoiser(), dg.denoiser()
+    with torch.no_grad():
+        t_plain = time_per_call(lambda: plain(x, sigma), device, 2, args.repeats)
+        t_dg = time_per_call(lambda: guided(x, sigma), device, 2, args.repeats)
+    config = SamplerConfig("heun", args.steps)
+    gen = torch.Generator(device=device).manual_seed(0)
+    _, nfe_plain = score.sample(args.batch, generator=gen, sampler=config)
+    _, nfe_dg = dg.sample(args.batch, generator=gen, sampler=config)
+    print(f"device {device}, batch {args.batch}, {args.image_size}x{args.image_size}")
+    print(f"{'per denoiser call':<28}{'unguided':>12}{'DG':>12}{'ratio':>10}")
+    print(f"{'seconds':<28}{t_plain:>12.4f}{t_dg:>12.4f}{t_dg / t_plain:>10.2f}")
+    print(f"{'Heun NFE (score network)':<28}{nfe_plain:>12d}{nfe_dg:>12d}")
+
+    # pipeline split: fake-sample generation and discriminator training at this speed
+    start = time.perf_counter()
+    done = 0
+    while done < args.num_fake:
+        n = min(args.batch, args.num_fake - done)
+        score.sample(n, generator=gen, sampler=config)
+        done += n
+    synchronize(device)
+    t_gen = (time.perf_counter() - start) / args.num_fake
+    opt = torch.optim.Adam(dg.discriminator.parameters(), lr=3e-4)
+    y = torch.randint(0, 2, (args.batch,), device=device).float()
+
+    def train_step() -> None:
+        opt.zero_grad()
+        loss, _ = dg.training_loss(x, None, gen, y)
+        loss.backward()
+        opt.step()
+
+    t_train = time_per_call(train_step, device, 2, args.train_steps)
+    print(f"\n{'pipeline stage':<36}{'measured':>14}{'paper budget (extrap.)':>26}")
+    print(f"{'fake generation, s/sample':<36}{t_gen:>14.4f}{t_gen * args.paper_fake:>22.0f} s")
+    print(
+        f"{'discriminator training, s/step':<36}{t_train:>14.4f}"
+        f"{t_train * args.paper_steps:>22.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Real vs fake data for Discriminator Guidance: any noisecls DataModule paired with the
+``.npz`` sample shards that ``noisecls predict`` (SampleWriter) wrote.
+
+Batches are ``(x, y)`` with x as in the real DataModule and y int64 [B, 2]: column 0 is the
+target (real = 1, fake = 0), column 1 the class label (the real data's label, the fake sample's
+generation label, or 0 when there is none); :func:`split_targets` separates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, Dataset
+
+from noisecls.data.base import (
+    DatasetNotFoundError,
+    NoiseclsDataModule,
+    TensorPairDataset,
+    resolve_split_size,
+    split_indices,
+)
+from noisecls.errors import NoiseclsError
+
+__all__ = ["RealFakeDataModule", "TargetDataset", "load_fake_samples", "split_targets"]
+
+
+def split_targets(y: Tensor) -> tuple[Tensor, Tensor]:
+    """(is_real [B] float32 in {0, 1}, class labels [B] int64) from y [B, 2]."""
+    if y.ndim != 2 or y.shape[1] != 2:
+        raise NoiseclsError(
+            f"DG batches need targets y of shape [B, 2] (real/fake, class), got {list(y.shape)}: "
+            "use noisecls.data.fake.RealFakeDataModule as the data"
+        )
+    return y[:, 0].float(), y[:, 1].long()
+
+
+def load_fake_samples(directories: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """All ``samples_*.npz`` shards under ``directories``, ordered by seed: (x float32 [N, ...],
+    labels int64 [N]; 0 where the shards hold no labels). Duplicate seeds are an error."""
+    xs, labels, seeds = [], [], []
+    for directory in directories:
+        path = Path(directory).expanduser()
+        files = sorted(path.glob("samples_*.npz"))
+        if not files:
+            raise DatasetNotFoundError(
+                f"no samples_*.npz in {path}; write fake samples first with `noisecls predict`"
+            )
+        for file in files:
+            with np.load(file) as data:
+                n = data["seeds"].shape[0]
+                xs.append(torch.from_numpy(data["samples"].astype(np.float32)))
+                seeds.append(torch.from_numpy(data["seeds"].astype(np.int64)))
+                lab = data["labels"] if "labels" in data else np.zeros(n, dtype=np.int64)
+                labels.append(torch.from_numpy(lab.astype(np.int64)))
+    x, y, s = torch.cat(xs), torch.cat(labels), torch.cat(seeds)
+    if len(directories) == 1 and s.unique().numel() != s.numel():
+        raise NoiseclsError(f"{directories[0]} holds repeated seeds; remove the stray shards")
+    order = torch.argsort(s, stable=True)
+    return x[order].contiguous(), y[order]
+
+
+class TargetDataset(Dataset):
+    """Wraps an (x, label) dataset as (x, [is_real, label]) with a fixed ``is_real``."""
+
+    def __init__(self, dataset: Dataset, is_real: int) -> None:
+        self.dataset = dataset
+        self.is_real = is_real
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _targets(self, label: Tensor) -> Tensor:
+        label = torch.as_tensor(label, dtype=torch.int64)
+        return torch.stack([torch.full_like(label, self.is_real), label], dim=-1)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, label = self.dataset[index]
+        return x, self._targets(label)
+
+
+class RealFakeDataModule(NoiseclsDataModule):
+    """Real data (label 1) from any noisecls DataModule and generated samples (label 0).
+
+    Splits: train = real train + fake train; val / test = the real DataModule's val / test splits
+    + held-out fake samples (``fake_val_size`` / ``fake_test_size``: counts or fractions of the
+    fake set, drawn by a seeded permutation). The real and fake counts need not match: a class
+    prior only adds a constant to the optimal logit, which leaves the guidance gradient unchanged.
+    ``data_shape``, ``num_classes``, ``num_bins`` and ``reference_dataset()`` (the FID reference)
+    are the real DataModule's.
+
+    Args:
+        real: the real data's DataModule.
+        fake_dirs: directories of SampleWriter ``.npz`` shards (one or several runs).
+        batch_size, eval_batch_size: GLOBAL batch sizes of the mixed data.
+        fake_val_size, fake_test_size: held-out fake samples per split.
+        seed, num_workers, pin_memory: see :class:`NoiseclsDataModule`.
+    """
+
+    def __init__(
+        self,
+        real: NoiseclsDataModule,
+        fake_dirs: str | list[str],
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        fake_val_size: int | float = 0.1,
+        fake_test_size: int | float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, seed, num_workers, pin_memory)
+        self.real = real
+        self.fake_dirs = [fake_dirs] if isinstance(fake_dirs, str) else list(fake_dirs)
+        if not self.fake_dirs:
+            raise ValueError("data.init_args.fake_dirs must name at least one directory")
+        self.fake_val_size, self.fake_test_size = fake_val_size, fake_test_size
+        self.data_shape = tuple(real.data_shape)
+        self.num_bins = real.num_bins
+        self._num_classes = real.num_classes
+
+    def _check_available(self) -> None:
+        for directory in self.fake_dirs:
+            if not any(Path(directory).expanduser().glob("samples_*.npz")):
+                raise DatasetNotFoundError(
+                    f"no samples_*.npz in {directory}; write fake samples first with "
+                    "`noisecls predict --config <model config> --ckpt_path <checkpoint>`"
+                )
+
+    def _build(self) -> None:
+        x, labels = load_fake_samples(self.fake_dirs)
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise NoiseclsError(
+                f"the fake samples have shape {list(x.shape[1:])} but the real data "
+                f"{list(self.data_shape)}; generate them with a model of this data set"
+            )
+        n = x.shape[0]
+        n_val = resolve_split_size(self.fake_val_size, n, "fake_val_size")
+        n_test = resolve_split_size(self.fake_test_size, n, "fake_test_size")
+        train, val, test = split_indices(n, [n_val, n_test], seed=self.seed)
+        self.real.setup("fit")
+        self.fake_sets = {
+            name: TensorPairDataset(x[idx], labels[idx])
+            for name, idx in (("train", train), ("val", val), ("test", test))
+        }
+        for split in ("train", "val", "test"):
+            parts: list[Dataset] = [TargetDataset(self.fake_sets[split], 0)]
+            real_part = getattr(self.real, f"{split}_set", None)
+            if real_part is not None:
+                parts.insert(0, TargetDataset(real_part, 1))
+            setattr(self, f"{split}_set", ConcatDataset(parts))
+
+    def reference_dataset(self) -> Dataset:
+        """The real training split without augmentation (FID reference)."""
+        return self.real.reference_dataset()

@@ -1,0 +1,409 @@
+"""DG: Discriminator Guidance on any trained score model (Kim et al., ICML 2023).
+
+Pipeline: (1) ``noisecls predict`` with a trained model writes fake samples (SampleWriter);
+(2) :class:`~noisecls.data.fake.RealFakeDataModule` pairs them with the real data (real = 1,
+fake = 0); (3) ``noisecls fit`` with :class:`DG` trains a time-dependent discriminator
+d(x_t, t) on the linear VP SDE with BCE; (4) sampling (``noisecls test`` / ``predict``) runs the
+frozen score model through :class:`~noisecls.denoisers.DiscriminatorGuidedDenoiser`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from argparse import ArgumentError
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from noisecls.data.fake import split_targets
+from noisecls.denoisers import (
+    CountingDenoiser,
+    DiscriminatorGuidedDenoiser,
+    TrainableDenoiser,
+)
+from noisecls.errors import NoiseclsError
+from noisecls.methods.base import DiffusionModule, PredictConfig, derive_seed
+from noisecls.process.schedules import LogSNRSchedule, broadcast_like
+from noisecls.samplers import SamplerConfig, run_sampler, sample_heun
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def load_module_checkpoint(path: str) -> DiffusionModule:
+    """A trained module of this framework from its Lightning checkpoint (the class and init
+    arguments that ``noisecls fit`` saved; EMA weights where EMAWeightAveraging wrote them)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise NoiseclsError(f"checkpoint {file} does not exist; train the model first")
+    ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    class_path = (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    if class_path is None:
+        raise NoiseclsError(
+            f"{file} does not name its model class (not written by `noisecls fit`); give the "
+            "model in the config as well (score_model / feature_model) and the path"
+        )
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise NoiseclsError(f"the checkpoint {file} names an unknown class {class_path}") from err
+    try:
+        return cls.load_from_checkpoint(file, map_location="cpu")
+    except (TypeError, ValueError, ArgumentError) as err:
+        raise NoiseclsError(
+            f"{file} does not hold the whole model configuration (networks are configured, not "
+            "saved): give the model's config as score_model / feature_model next to the path"
+        ) from err
+
+
+def load_weights(module: nn.Module, path: str) -> None:
+    """Load a Lightning checkpoint's ``state_dict`` into ``module`` (strict)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise NoiseclsError(f"checkpoint {file} does not exist; train the model first")
+    state = torch.load(file, map_location="cpu", weights_only=True)["state_dict"]
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise NoiseclsError(f"{file} does not fit the configured model: {first}") from err
+
+
+def frozen_module(
+    module: DiffusionModule | None, checkpoint: str | None, role: str
+) -> DiffusionModule:
+    """The module configured for ``role`` (weights from ``checkpoint`` if given), or the one the
+    checkpoint describes; frozen (no gradients, eval mode)."""
+    if module is None and checkpoint is None:
+        raise NoiseclsError(f"DG needs a {role}: set {role} (a model config) or {role}_checkpoint")
+    if module is None:
+        module = load_module_checkpoint(checkpoint)  # type: ignore[arg-type]
+    elif checkpoint is not None:
+        load_weights(module, checkpoint)
+    module.requires_grad_(False)
+    return module.eval()
+
+
+# ------------------------------------------------------------------------------------ time sampling
+def importance_sample_times(
+    schedule: LogSNRSchedule,
+    n: int,
+    t_min: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Diffusion times t in [t_min, 1] with density proportional to beta(t) / (1 - exp(-B(t))),
+    float64 [n] (DG's importance sampling; the official code's ``get_diffusion_time``).
+
+    That density is d/dt log(exp(B(t)) - 1) = -d lambda / dt for the linear VP SDE's log-SNR
+    lambda(t) = -log(exp(B(t)) - 1), so inverse-CDF sampling draws lambda uniformly in
+    [lambda(1), lambda(t_min)] and maps it back to t.
+    """
+    ends = schedule.lambda_(torch.tensor([t_min, 1.0], dtype=torch.float64))
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    lam = ends[0].to(u.device) + u * (ends[1] - ends[0]).to(u.device)
+    return schedule.t_from_lambda(lam).clamp(t_min, 1.0)
+
+
+# ------------------------------------------------------------------------------------ discriminator
+class NoisyFeatures(nn.Module):
+    """Frozen noise-conditional feature extractor: the encoder (bottleneck) of a pretrained
+    backbone of this framework, fed exactly as its own denoiser feeds it.
+
+    ``forward(x_vp [B, ...], tau float64 [B], class_labels) -> features [B, C, h, w]`` for VP
+    inputs of the discriminator's schedule: x = x_vp / alpha(tau) is the sigma-space input at
+    sigma = ve_sigma(tau), which the pretrained denoiser maps to its own scaling and noise input.
+
+    Args:
+        denoiser: the pretrained module's TrainableDenoiser (PredictionDenoiser / EDMDenoiser)
+            whose ``net`` has ``encode`` (UNet, ResidualMLP).
+        schedule: the discriminator's VP schedule.
+    """
+
+    def __init__(self, denoiser: TrainableDenoiser, schedule: LogSNRSchedule) -> None:
+        super().__init__()
+        if not isinstance(denoiser, TrainableDenoiser) or not hasattr(denoiser.net, "encode"):
+            raise NoiseclsError(
+                "the DG feature extractor must be a network-backed model (DDM-style denoiser) "
+                "whose backbone has an encoder (UNet / ResidualMLP)"
+            )
+        self.denoiser = denoiser.requires_grad_(False).eval()
+        self.schedule = schedule
+
+    def train(self, mode: bool = True) -> NoisyFeatures:
+        return super().train(False)  # frozen: always in eval mode
+
+    def forward(self, x_vp: Tensor, tau: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        alpha = self.schedule.alpha(tau).to(x_vp.device)
+        sigma = self.schedule.ve_sigma(tau).to(x_vp.device)
+        x_in, noise_in = self.denoiser.network_input(x_vp / broadcast_like(alpha, x_vp), sigma)
+        return self.denoiser.net.encode(x_in, noise_in, class_labels)
+
+
+class Discriminator(nn.Module):
+    """Time-dependent discriminator logit log(d/(1 - d)) on the linear VP SDE.
+
+    ``forward(x_vp [B, ...], tau float64 [B], class_labels [B] | None) -> logit [B]``: the net
+    (a U-Net encoder or residual MLP with a :class:`~noisecls.nets.ScalarHead`) sees the VP input
+    (or, with ``features``, the frozen extractor's features of it), ``schedule.noise_input(tau)``
+    and the labels when ``class_conditional``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: LogSNRSchedule,
+        features: NoisyFeatures | None = None,
+        class_conditional: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.features = features
+        self.class_conditional = class_conditional
+
+    def forward(self, x_vp: Tensor, tau: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        labels = class_labels if self.class_conditional else None
+        h = x_vp if self.features is None else self.features(x_vp, tau, labels)
+        noise_in = self.schedule.noise_input(tau).to(device=x_vp.device, dtype=x_vp.dtype)
+        logit = self.net(h, noise_in, labels)
+        if logit.shape != (x_vp.shape[0],):
+            raise NoiseclsError(
+                f"the discriminator net returned shape {list(logit.shape)}, expected "
+                f"[{x_vp.shape[0]}]: give it a ScalarHead (head: noisecls.nets.ScalarHead)"
+            )
+        return logit
+
+
+# ------------------------------------------------------------------------------------ guidance
+@dataclass
+class GuidanceConfig:
+    """How DG corrects sampling (the official EDM-G++ options).
+
+    Args:
+        weight: w of the first-order stage (every stage of samplers other than Heun); 2.0.
+        second_order_weight: w of Heun's second-order (corrector) stage; 0.
+        time_min, time_max: diffusion-time window [0.01, 1.0] where the correction applies.
+        prob_clip: discriminator output clipped to [c, 1 - c] (1e-5).
+        boost_factor: adaptive boosting: multiply the correction of samples judged fake by this
+            factor every ``boost_period``-th step (1: off; the paper's value is 2).
+        boost_period: see ``boost_factor`` (2).
+    """
+
+    weight: float = 2.0
+    second_order_weight: float = 0.0
+    time_min: float = 0.01
+    time_max: float = 1.0
+    prob_clip: float = 1e-5
+    boost_factor: float = 1.0
+    boost_period: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.time_min <= self.time_max <= 1.0:
+            raise ValueError("guidance needs 0 <= time_min <= time_max <= 1")
+
+
+# ------------------------------------------------------------------------------------ module
+class DG(DiffusionModule):
+    """Discriminator Guidance: trains the discriminator; samples the frozen score model with it.
+
+    Training batches are ``(x, y)`` from :class:`~noisecls.data.fake.RealFakeDataModule` with
+    y [B, 2] = (real 1 / fake 0, class label). Each step draws t by importance sampling on
+    [t_min, 1], diffuses x with fresh noise, x_t = alpha(t)·x + sigma(t)·eps, and minimises the
+    BCE of sigmoid(logit) clipped to [1e-5, 1 - 1e-5] (the paper's eq. 6 with the forward-marginal
+    design of its A.4). Validation / test log the BCE and accuracy overall and per diffusion-time
+    bin (``{stage}/acc_t0.00-0.20``, ...); near 0.5 at large t is expected.
+
+    Args:
+        discriminator_net: the discriminator backbone with a ScalarHead (a UNet encoder; its
+            in_channels are the feature channels when ``feature_model`` is used).
+        score_model / score_checkpoint: the trained model to guide: its config (weights loaded
+            from the checkpoint when both are given) or only its ``noisecls fit`` checkpoint.
+        feature_model / feature_checkpoint: optional frozen pretrained noise-conditional
+            feature extractor (any network-backed model of this framework; its encoder).
+        guidance: how sampling is corrected (see :class:`GuidanceConfig`).
+        vp_schedule: the discriminator's VP SDE (default linear, beta 0.1 -> 20).
+        t_min: smallest training time (1e-5).
+        class_conditional: the discriminator sees the class labels.
+        val_bins: number of diffusion-time bins of the validation metrics.
+        optimizer: default Adam(3e-4). Others: see ``DiffusionModule`` (sampler: default the
+            score model's).
+    """
+
+    evaluation_hparams: tuple[str, ...] = ("sampler", "predict", "guidance")
+
+    def __init__(
+        self,
+        discriminator_net: nn.Module,
+        score_model: DiffusionModule | None = None,
+        score_checkpoint: str | None = None,
+        feature_model: DiffusionModule | None = None,
+        feature_checkpoint: str | None = None,
+        guidance: GuidanceConfig | None = None,
+        vp_schedule: LogSNRSchedule | None = None,
+        t_min: float = 1e-5,
+        class_conditional: bool = False,
+        val_bins: int = 5,
+        sampler: SamplerConfig | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        data_shape: Sequence[int] | None = None,
+        seed: int = 0,
+        predict: PredictConfig | None = None,
+    ) -> None:
+        score = frozen_module(score_model, score_checkpoint, "score_model")
+        super().__init__(
+            score.schedule,
+            sampler or score.sampler,
+            optimizer,
+            lr_scheduler,
+            data_shape if data_shape is not None else score.data_shape,
+            seed,
+            predict,
+        )
+        self.save_hyperparameters(ignore=["discriminator_net", "score_model", "feature_model"])
+        vp = vp_schedule or LogSNRSchedule(kind="linear", beta_min=0.1, beta_max=20.0)
+        if not isinstance(vp, LogSNRSchedule) or vp.kind != "linear":
+            raise NoiseclsError("vp_schedule must be LogSNRSchedule(kind='linear')")
+        if not 0 < t_min < 1 or val_bins < 1:
+            raise NoiseclsError("DG needs 0 < t_min < 1 and val_bins >= 1")
+        features = None
+        if feature_model is not None or feature_checkpoint is not None:
+            extractor = frozen_module(feature_model, feature_checkpoint, "feature_model")
+            features = NoisyFeatures(extractor.denoiser(), vp)  # type: ignore[arg-type]
+        self.score_model = score
+        self.discriminator = Discriminator(discriminator_net, vp, features, class_conditional)
+        self.vp_schedule = vp
+        self.guidance = guidance or GuidanceConfig()
+        self.t_min = t_min
+        self.class_conditional = class_conditional
+        self.val_bins = val_bins
+
+    def train(self, mode: bool = True) -> DG:
+        super().train(mode)
+        self.score_model.eval()  # frozen: no dropout, fixed normalisation
+        return self
+
+    # ---- labels / denoisers -------------------------------------------------------------
+    def class_labels(self, labels: Tensor | None) -> Tensor | None:
+        """Generation labels: the score model's convention, or the raw labels when only the
+        discriminator is conditional."""
+        score_labels = self.score_model.class_labels(labels)
+        if score_labels is not None or not self.class_conditional:
+            return score_labels
+        return labels
+
+    def guided_denoiser(self, weight: float) -> DiscriminatorGuidedDenoiser:
+        """The score model's denoiser corrected by the discriminator with weight w."""
+        g = self.guidance
+        return DiscriminatorGuidedDenoiser(
+            self.score_model.denoiser(), self.discriminator, self.vp_schedule, weight=weight,
+            time_min=g.time_min, time_max=g.time_max, prob_clip=g.prob_clip,
+            boost_factor=g.boost_factor, boost_period=g.boost_period,
+        )  # fmt: skip
+
+    def denoiser(self) -> DiscriminatorGuidedDenoiser:
+        """The first-order-weighted DG denoiser (what every stage of a non-Heun sampler uses)."""
+        return self.guided_denoiser(self.guidance.weight)
+
+    def run_sampler(
+        self,
+        config: SamplerConfig,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        cond: dict | None = None,
+    ) -> tuple[Tensor, int]:
+        """Heun (not parallel) runs its corrector stage with ``second_order_weight``; every other
+        sampler uses the first-order weight throughout. NFE counts score-network calls."""
+        first = self.denoiser()
+        g = self.guidance
+        if config.name != "heun" or config.parallel or g.second_order_weight == g.weight:
+            return run_sampler(config, first, x, sigmas, generator=generator, cond=cond)
+        predictor = CountingDenoiser(first)
+        corrector = CountingDenoiser(self.guided_denoiser(g.second_order_weight))
+        out = sample_heun(
+            predictor, x, sigmas, s_churn=config.s_churn, s_tmin=config.s_tmin,
+            s_tmax=config.s_tmax, s_noise=config.s_noise, corrector=corrector,
+            generator=generator, cond=cond,
+        )  # fmt: skip
+        return out, predictor.nfe + corrector.nfe
+
+    # ---- training ----------------------------------------------------------------------
+    def discriminator_logits(
+        self, x0: Tensor, t: Tensor, class_labels: Tensor | None, generator: torch.Generator
+    ) -> Tensor:
+        """Logits [B] at x_t = alpha(t)·x0 + sigma(t)·eps (fresh eps from ``generator``)."""
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        alpha = broadcast_like(self.vp_schedule.alpha(t).to(x0.device), x0)
+        sigma = broadcast_like(self.vp_schedule.sigma(t).to(x0.device), x0)
+        return self.discriminator(alpha * x0 + sigma * eps, t, class_labels)
+
+    def bce(self, logits: Tensor, is_real: Tensor) -> Tensor:
+        """Per-sample BCE [B] of sigmoid(logits) clipped to [1e-5, 1 - 1e-5]."""
+        d = torch.sigmoid(logits.float()).clamp(1e-5, 1 - 1e-5)
+        return F.binary_cross_entropy(d, is_real.to(d), reduction="none")
+
+    def training_loss(
+        self,
+        x0: Tensor,
+        labels: Tensor | None,
+        generator: torch.Generator,
+        is_real: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean BCE of a batch x0 [B, ...] with targets ``is_real`` [B] (default all real) at
+        importance-sampled times, and the accuracy."""
+        if is_real is None:
+            is_real = torch.ones(x0.shape[0], device=x0.device)
+        t = importance_sample_times(
+            self.vp_schedule, x0.shape[0], self.t_min, generator=generator, device=x0.device
+        )
+        logits = self.discriminator_logits(x0, t, labels, generator)
+        accuracy = ((logits > 0).float() == is_real.float()).float().mean()
+        return self.bce(logits, is_real).mean(), {"acc": accuracy}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        is_real, labels = split_targets(y)
+        loss, extras = self.training_loss(
+            x, self.discriminator_labels(labels), self.step_generator(), is_real
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/acc", extras["acc"], batch_size=x.shape[0])
+        return loss
+
+    def discriminator_labels(self, labels: Tensor) -> Tensor | None:
+        return labels if self.class_conditional else None
+
+    def evaluation_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
+        """BCE / accuracy at importance-sampled times and in ``val_bins`` equal time bins, with
+        noise fixed per batch."""
+        x, y = batch
+        is_real, labels = split_targets(y)
+        labels = self.discriminator_labels(labels)
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_idx))
+        n = x.shape[0]
+        loss, extras = self.training_loss(x, labels, g, is_real)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=n)
+        self.log(f"{stage}/acc", extras["acc"], sync_dist=True, batch_size=n)
+        edges = torch.linspace(self.t_min, 1.0, self.val_bins + 1, dtype=torch.float64)
+        for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+            u = torch.rand(n, generator=g, device=self.device, dtype=torch.float64)
+            logits = self.discriminator_logits(x, lo + (hi - lo) * u, labels, g)
+            accuracy = ((logits > 0).float() == is_real.float()).float().mean()
+            name = f"t{lo:.2f}-{hi:.2f}"
+            self.log(f"{stage}/bce_{name}", self.bce(logits, is_real).mean(), sync_dist=True,
+                     batch_size=n)  # fmt: skip
+            self.log(f"{stage}/acc_{name}", accuracy, sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            params = [p for p in self.discriminator.parameters() if p.requires_grad]
+            return torch.optim.Adam(params, lr=3e-4)
+        return super().configure_optimizers()

@@ -1,0 +1,355 @@
+"""Discriminator Guidance against the Gaussian-mixture oracles, and trained on 2-D data.
+
+Ground truth: for data p and a deliberately wrong model q (both mixtures), the Bayes-optimal
+discriminator's logit is log p_t - log q_t, and DG with w = 1 turns q's denoiser into p's
+exactly (Kim et al. 2023, Theorem 1).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from noisecls.callbacks.samples import SampleWriter
+from noisecls.data.fake import RealFakeDataModule, load_fake_samples, split_targets
+from noisecls.data.toy import ToyDataModule
+from noisecls.denoisers import DiscriminatorGuidedDenoiser
+from noisecls.errors import NoiseclsError
+from noisecls.methods.base import DiffusionModule
+from noisecls.methods.dg import DG, GuidanceConfig, importance_sample_times
+from noisecls.nets import ResidualMLP, ScalarHead
+from noisecls.oracles import GaussianMixture, mmd_rbf
+from noisecls.process.schedules import EDMSchedule, LogSNRSchedule, karras_sigmas
+from noisecls.samplers import SamplerConfig, sample_euler, sample_heun
+
+VP = LogSNRSchedule(kind="linear", beta_min=0.1, beta_max=20.0)
+MEANS = [[-2.0, 0.0], [2.0, 0.0]]
+DATA = GaussianMixture.isotropic(torch.tensor([0.5, 0.5]), torch.tensor(MEANS), torch.tensor(0.5))
+WRONG = GaussianMixture.isotropic(
+    torch.tensor([0.8, 0.2]), torch.tensor([[-1.5, 0.5], [2.5, 0.0]]), torch.tensor(0.8)
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets: one intra-op thread avoids oversubscription on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class OptimalDiscriminator:
+    """The Bayes-optimal real (data) vs fake (model) logit on the VP SDE: log p_t - log q_t of
+    the noised mixtures at x_vp, alpha(tau), sigma(tau)."""
+
+    def __init__(self, data: GaussianMixture, model: GaussianMixture) -> None:
+        self.data, self.model = data, model
+
+    def __call__(self, x_vp: Tensor, tau: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.data.log_density_ratio(self.model, x_vp, VP.alpha(tau), VP.sigma(tau))
+
+
+def oracle_dg(weight: float = 1.0, **kwargs: float) -> DiscriminatorGuidedDenoiser:
+    kwargs = {"time_min": 0.0, "prob_clip": 0.0, **kwargs}
+    return DiscriminatorGuidedDenoiser(
+        WRONG.denoiser(), OptimalDiscriminator(DATA, WRONG), VP, weight=weight, **kwargs
+    )
+
+
+def reference(n: int, seed: int) -> Tensor:
+    return DATA.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[0]
+
+
+# ---------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("sigma", [0.02, 0.3, 1.0, 4.0, 40.0])
+def test_optimal_discriminator_turns_wrong_score_into_data_score(sigma: float) -> None:
+    x = 3 * torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = torch.full((256,), sigma, dtype=torch.float64)
+    corrected = oracle_dg()(x, s)
+    truth = DATA.denoiser()(x, s)
+    assert (WRONG.denoiser()(x, s) - truth).abs().max() > 1e-3  # the model really is wrong
+    torch.testing.assert_close(corrected, truth, rtol=0, atol=1e-9)
+    # equivalently in score form: s_q + grad log(d*/(1-d*)) = s_p
+    score = (corrected - x) / sigma**2
+    torch.testing.assert_close(score, DATA.noisy_score(x, 1.0, sigma), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_respects_time_window_and_weight() -> None:
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sig = torch.tensor([0.05] * 32 + [2.0] * 32, dtype=torch.float64)
+    tau = VP.t_from_ve_sigma(sig)
+    window = (float(tau[-1]) - 0.01, 1.0)  # only the large sigmas are inside
+    out = oracle_dg(time_min=window[0], time_max=window[1])(x, sig)
+    plain = WRONG.denoiser()(x, sig)
+    torch.testing.assert_close(out[:32], plain[:32], rtol=0, atol=0)
+    torch.testing.assert_close(out[32:], DATA.denoiser()(x[32:], sig[32:]), rtol=0, atol=1e-9)
+    # w scales the correction linearly
+    half = oracle_dg(0.5)(x, sig) - plain
+    torch.testing.assert_close(2 * half, oracle_dg(1.0)(x, sig) - plain, rtol=1e-10, atol=1e-12)
+
+
+def test_probability_clipping_zeroes_saturated_gradients() -> None:
+    far = torch.tensor([[40.0, 0.0], [-1.0, 0.2]], dtype=torch.float64)  # far: huge log ratio
+    sig = torch.full((2,), 0.1, dtype=torch.float64)
+    logit = OptimalDiscriminator(DATA, WRONG)(far * VP.alpha(VP.t_from_ve_sigma(sig))[:, None],
+                                              VP.t_from_ve_sigma(sig))  # fmt: skip
+    assert abs(float(logit[0])) > math.log(1e5)
+    out = oracle_dg(prob_clip=1e-5)(far, sig)
+    plain = WRONG.denoiser()(far, sig)
+    torch.testing.assert_close(out[0], plain[0], rtol=0, atol=0)
+    assert (out[1] - plain[1]).abs().max() > 1e-6
+
+
+def test_boosting_multiplies_correction_of_fake_judged_samples() -> None:
+    x = 3 * torch.randn(200, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sig = torch.full((200,), 1.0, dtype=torch.float64)
+    plain = WRONG.denoiser()(x, sig)
+    base = oracle_dg()(x, sig) - plain
+    boosted_dg = oracle_dg(boost_factor=2.0, boost_period=2)
+    first = boosted_dg(x, sig) - plain  # call 1: boosted
+    second = boosted_dg(x, sig) - plain  # call 2: not boosted
+    fake = boosted_dg.last_log_ratio < 0
+    assert 0 < int(fake.sum()) < 200
+    torch.testing.assert_close(first[fake], 2 * base[fake], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(first[~fake], base[~fake], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, base, rtol=1e-10, atol=1e-12)
+
+
+def test_needs_gradients_outside_inference_mode() -> None:
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with torch.inference_mode(), pytest.raises(NoiseclsError, match="inference_mode"):
+        oracle_dg()(x, torch.ones(4, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------- sampling
+def test_corrected_sampling_produces_data_mixture_uncorrected_does_not() -> None:
+    """The paper's 2-D toy figure: EDM Heun (18 steps) from the wrong model, with and without
+    the optimal discriminator's correction; also with a non-zero second-order weight."""
+    sigmas = karras_sigmas(18, 0.002, 80.0)
+    x_t = 80 * torch.randn(1000, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = reference(1000, 4)
+    noise_floor = float(mmd_rbf(reference(1000, 5), ref))  # two data samples of this size
+    corrected = sample_heun(oracle_dg(), x_t.clone(), sigmas)  # both stages, w = 1
+    first_only = sample_heun(oracle_dg(), x_t.clone(), sigmas, corrector=WRONG.denoiser())
+    uncorrected = sample_heun(WRONG.denoiser(), x_t.clone(), sigmas)
+    assert float(mmd_rbf(corrected, ref)) < max(3 * abs(noise_floor), 5e-3)
+    assert float(mmd_rbf(uncorrected, ref)) > 0.1
+    # the first-order-only correction (the paper's default) already removes most of the error
+    assert float(mmd_rbf(first_only, ref)) < 0.5 * float(mmd_rbf(uncorrected, ref))
+
+
+def test_importance_sampled_times_follow_the_density() -> None:
+    """t ~ beta(t)/(1 - exp(-B(t))) on [t_min, 1]: the CDF is
+    (log expm1 B(t) - log expm1 B(t_min)) / Z; Kolmogorov-Smirnov distance is small."""
+    t_min = 1e-5
+    t = importance_sample_times(VP, 20000, t_min, generator=torch.Generator().manual_seed(5))
+    assert float(t.min()) >= t_min and float(t.max()) <= 1.0
+    a = lambda s: torch.log(torch.expm1(VP.integrated_beta(s)))  # noqa: E731
+    lo, hi = a(torch.tensor(t_min, dtype=torch.float64)), a(torch.tensor(1.0, dtype=torch.float64))
+    ts = t.sort().values
+    cdf = (a(ts) - lo) / (hi - lo)
+    empirical = torch.arange(1, ts.numel() + 1, dtype=torch.float64) / ts.numel()
+    assert float((cdf - empirical).abs().max()) < 0.015
+    # the density is heavily weighted to small t (1/t-like near 0): the median is small
+    assert float(ts[ts.numel() // 2]) < 0.2
+
+
+# ---------------------------------------------------------------------------------- pipeline
+class OracleModule(DiffusionModule):
+    """A 'trained model' whose denoiser is a mixture's exact one (test helper: the imperfect
+    model is the wrong mixture). It is not trainable."""
+
+    def __init__(self, mixture: GaussianMixture, sampler: SamplerConfig | None = None) -> None:
+        super().__init__(EDMSchedule(sigma_data=2.0), sampler or SamplerConfig("heun", 18),
+                         data_shape=(2,))  # fmt: skip
+        self.mixture = mixture
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a weight for the manifest's hash
+
+    def denoiser(self):
+        mixture = self.mixture
+
+        def denoise(x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
+            return mixture.denoiser()(x.double(), sigma).to(x.dtype)
+
+        return denoise
+
+    def setup(self, stage: str) -> None:
+        """No network to check."""
+
+    def training_loss(self, x0, labels, generator):
+        raise NoiseclsError("the oracle module is not trainable")
+
+
+def toy_data(**kwargs) -> ToyDataModule:
+    return ToyDataModule(
+        "gmm", n_train=4000, n_val=1000, n_test=1000, gmm_means=MEANS, gmm_std=0.5,
+        batch_size=256, **kwargs,
+    )  # fmt: skip
+
+
+def trainer(root: Path, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", default_root_dir=str(root), logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, inference_mode=False, **kwargs,
+    )  # fmt: skip
+
+
+def test_sample_writer_writes_exact_count_resumes_and_guards(tmp_path: Path) -> None:
+    module = OracleModule(WRONG)
+    module.predict_config.num_samples, module.predict_config.batch_size = 300, 128
+    out = tmp_path / "fake"
+    trainer(tmp_path, callbacks=[SampleWriter(str(out), grid_size=0)]).predict(
+        module, return_predictions=False
+    )
+    x, labels = load_fake_samples([str(out)])
+    assert x.shape == (300, 2) and (labels == 0).all()
+    names = sorted(p.name for p in out.glob("samples_*.npz"))
+    assert names == ["samples_00000000-00000127.npz", "samples_00000128-00000255.npz",
+                     "samples_00000256-00000299.npz"]  # fmt: skip
+    # the samples are those of the wrong model (not the data)
+    assert float(mmd_rbf(x.double(), reference(300, 6))) > 0.1
+    # resume: more samples, nothing rewritten
+    stamp = (out / names[0]).stat().st_mtime_ns
+    module.predict_config.num_samples = 400
+    writer = SampleWriter(str(out), grid_size=0)
+    trainer(tmp_path, callbacks=[writer]).predict(module, return_predictions=False)
+    assert (out / names[0]).stat().st_mtime_ns == stamp and len(writer.skipped_seeds) == 300
+    assert load_fake_samples([str(out)])[0].shape == (400, 2)
+    # another run's directory is refused
+    other = OracleModule(DATA)
+    with torch.no_grad():
+        other.anchor.fill_(1.0)
+    with pytest.raises(NoiseclsError, match="different run"):
+        trainer(tmp_path, callbacks=[SampleWriter(str(out), grid_size=0)]).predict(
+            other, return_predictions=False
+        )
+
+
+def test_predict_writes_generation_labels_of_conditional_models(tmp_path: Path) -> None:
+    class Conditional(OracleModule):
+        def class_labels(self, labels):
+            return labels
+
+        def denoiser(self):
+            mixture = self.mixture
+
+            def denoise(x, sigma, class_labels=None):
+                return mixture.denoiser()(x.double(), sigma, class_labels=class_labels).to(x.dtype)
+
+            return denoise
+
+    module = Conditional(DATA, SamplerConfig("heun", 18))
+    module.predict_config.num_samples = 200
+    out = tmp_path / "cond"
+    dm = toy_data()
+    trainer(tmp_path, callbacks=[SampleWriter(str(out), grid_size=0)]).predict(
+        module, datamodule=dm, return_predictions=False
+    )
+    x, labels = load_fake_samples([str(out)])
+    assert set(labels.tolist()) == {0, 1}
+    # each sample lies near its label's component mean
+    means = torch.tensor(MEANS)[labels]
+    assert float((x - means).norm(dim=1).median()) < 1.0
+
+
+def test_real_fake_datamodule_pairs_real_and_fake(tmp_path: Path) -> None:
+    module = OracleModule(WRONG)
+    module.predict_config.num_samples = 500
+    out = tmp_path / "fake"
+    trainer(tmp_path, callbacks=[SampleWriter(str(out), grid_size=0)]).predict(
+        module, return_predictions=False
+    )
+    dm = RealFakeDataModule(toy_data(), str(out), batch_size=100, fake_val_size=50,
+                            fake_test_size=50)  # fmt: skip
+    dm.setup("fit")
+    assert dm.data_shape == (2,) and dm.num_classes == 2
+    assert len(dm.train_set) == 4000 + 400 and len(dm.val_set) == 1000 + 50
+    x, y = next(iter(dm.val_dataloader()))
+    is_real, _ = split_targets(y)
+    assert x.shape == (100, 2) and y.shape == (100, 2) and bool((is_real == 1).all())
+    reals = torch.cat([split_targets(b[1])[0] for b in dm.test_dataloader()])
+    assert int((reals == 0).sum()) == 50 and int((reals == 1).sum()) == 1000
+    with pytest.raises(NoiseclsError, match="no samples"):
+        RealFakeDataModule(toy_data(), str(tmp_path / "none"), batch_size=100).setup("fit")
+
+
+def test_trained_discriminator_reduces_sample_mmd(tmp_path: Path) -> None:
+    """Real vs samples of an imperfect 2-D model (the wrong mixture, sampled with EDM Heun):
+    a discriminator trained on CPU makes DG samples measurably closer to the data."""
+    torch.manual_seed(0)
+    score = OracleModule(WRONG)
+    score.predict_config.num_samples, score.predict_config.batch_size = 4000, 1000
+    fake = tmp_path / "fake"
+    trainer(tmp_path, callbacks=[SampleWriter(str(fake), grid_size=0)]).predict(
+        score, return_predictions=False
+    )
+    dm = RealFakeDataModule(
+        toy_data(), str(fake), batch_size=256, fake_val_size=1000, fake_test_size=0
+    )  # fmt: skip  (balanced validation: 1000 / 1000)
+    net = ResidualMLP(dim=2, hidden=64, num_blocks=2, head=ScalarHead())
+    dg = DG(net, score_model=score, guidance=GuidanceConfig(weight=1.0, second_order_weight=1.0),
+            optimizer=lambda p: torch.optim.Adam(p, lr=2e-3), val_bins=4)  # fmt: skip
+    fit = trainer(tmp_path, max_steps=1200, val_check_interval=1200,
+                  check_val_every_n_epoch=None)  # fmt: skip
+    fit.fit(dg, datamodule=dm)
+    metrics = {k: float(v) for k, v in fit.callback_metrics.items()}
+    assert metrics["val/acc_t0.00-0.25"] > 0.6  # clearly separates at small t
+    assert abs(metrics["val/acc_t0.75-1.00"] - 0.5) < 0.15  # chance at large t (pure noise)
+
+    ref = reference(2000, 7)
+    g = torch.Generator().manual_seed(8)
+    guided, nfe = dg.sample(2000, generator=g)
+    assert nfe == 35  # Heun 18 steps: no extra score evaluations
+    dg.guidance = GuidanceConfig(weight=0.0)
+    plain, _ = dg.sample(2000, generator=torch.Generator().manual_seed(8))
+    mmd_plain, mmd_guided = float(mmd_rbf(plain, ref)), float(mmd_rbf(guided, ref))
+    assert mmd_guided < 0.6 * mmd_plain, (mmd_guided, mmd_plain)
+
+
+def test_dg_module_loads_score_model_checkpoint_and_uses_heun_weights(tmp_path: Path) -> None:
+    """score_checkpoint loads weights into the configured model; Heun's corrector stage uses
+    second_order_weight (a non-zero value works), other samplers the first-order weight."""
+    from noisecls.methods.ddm import DDM
+
+    ddm = DDM(ResidualMLP(dim=2, hidden=16, num_blocks=1), VP, data_shape=(2,))
+    with torch.no_grad():
+        for p in ddm.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path / "ddm.ckpt"
+    torch.save({"state_dict": ddm.state_dict()}, path)
+    fresh = DDM(ResidualMLP(dim=2, hidden=16, num_blocks=1), VP, data_shape=(2,))
+    net = ResidualMLP(dim=2, hidden=16, num_blocks=1, head=ScalarHead())
+    dg = DG(net, score_model=fresh, score_checkpoint=str(path),
+            guidance=GuidanceConfig(weight=2.0, second_order_weight=0.5))  # fmt: skip
+    for a, b in zip(dg.score_model.parameters(), ddm.parameters(), strict=True):
+        assert torch.equal(a, b) and not a.requires_grad
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    sig = VP.sampling_sigmas(5)
+    out, nfe = dg.run_sampler(SamplerConfig("heun", 5), x.clone(), sig)
+    expected = sample_heun(dg.guided_denoiser(2.0), x.clone(), sig,
+                           corrector=dg.guided_denoiser(0.5))  # fmt: skip
+    torch.testing.assert_close(out, expected) and None
+    assert nfe == 9
+    euler, _ = dg.run_sampler(SamplerConfig("euler", 5), x.clone(), sig)
+    torch.testing.assert_close(euler, sample_euler(dg.guided_denoiser(2.0), x.clone(), sig))
+    assert not torch.allclose(out, sample_heun(dg.guided_denoiser(2.0), x.clone(), sig))
+    with pytest.raises(NoiseclsError, match="does not exist"):
+        DG(net, score_checkpoint=str(tmp_path / "missing.ckpt"))
+
+
+def test_npz_shards_hold_float_samples(tmp_path: Path) -> None:
+    module = OracleModule(WRONG)
+    module.predict_config.num_samples = 10
+    out = tmp_path / "s"
+    trainer(tmp_path, callbacks=[SampleWriter(str(out), grid_size=0)]).predict(
+        module, return_predictions=False
+    )
+    with np.load(next(out.glob("samples_*.npz"))) as data:
+        assert data["samples"].dtype == np.float32 and data["seeds"].tolist() == list(range(10))
