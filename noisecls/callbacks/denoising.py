@@ -33,6 +33,7 @@ from noisecls.callbacks.results import (
     local_batches,
     log_directory,
     metric_prefix,
+    rank_counts,
     record_metric,
     should_evaluate,
     split_batch,
@@ -59,7 +60,8 @@ class DenoisingMSECallback(EvaluationCallback):
     Args:
         sigmas: noise levels (sigma space); default :data:`DEFAULT_SIGMAS`.
         num_samples: held-out examples (the first ones of the split); None: all.
-        every_n_epochs: during fit, evaluate after epochs e with (e + 1) % n == 0.
+        every_n_epochs: during fit, evaluate after epochs e with (e + 1) % n == 0 (0: only in
+            validate / test).
         batch_size: examples per denoiser call, per rank.
         seed: base seed of the noise.
         plot: write the PNG plot (and log it to W&B).
@@ -120,11 +122,12 @@ class DenoisingMSECallback(EvaluationCallback):
         S = len(self.sigmas)
         width = 2 * S if oracle is not None else S
         sums = torch.zeros(width, dtype=torch.float64, device=device)
-        count = 0
+        count = local_count = 0
         with Stopwatch() as watch, torch.inference_mode(False), torch.no_grad():
             denoiser = pl_module.denoiser()
             oracle_denoiser = oracle.to(device).denoiser() if oracle is not None else None
-            for b, batch in local_batches(dataset, n, self.batch_size, trainer):
+            workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0)
+            for b, batch in local_batches(dataset, n, self.batch_size, trainer, workers):
                 errors = None
                 if batch is not None:
                     x0, y = split_batch(batch)
@@ -139,6 +142,7 @@ class DenoisingMSECallback(EvaluationCallback):
                     if oracle_denoiser is not None:
                         oracle_errors = self._errors(oracle_denoiser, x0, eps, self.sigmas, cond)
                         errors = torch.cat([errors, oracle_errors], dim=1)
+                    local_count += x0.shape[0]
                 for rows in gather_round(
                     trainer, errors, self.batch_size, (width,), torch.float64, device
                 ):
@@ -147,19 +151,19 @@ class DenoisingMSECallback(EvaluationCallback):
         means = (sums / count).cpu()
         mse = means[:S].tolist()
         oracle_mse = means[S:].tolist() if oracle is not None else None
+        per_rank = rank_counts(trainer, local_count, device)
         prefix = metric_prefix(trainer)
-        for i, s in enumerate(self.sigmas):
-            key = sigma_key(s)
-            pl_module.log(f"{prefix}/denoise_mse/{key}", mse[i], sync_dist=True)
-            record_metric(trainer, f"{prefix}/denoise_mse/{key}", mse[i], samples=count,
-                          seconds=watch.seconds)  # fmt: skip
-            if oracle_mse is not None:
-                pl_module.log(f"{prefix}/denoise_mse_oracle/{key}", oracle_mse[i], sync_dist=True)
-                record_metric(trainer, f"{prefix}/denoise_mse_oracle/{key}", oracle_mse[i],
-                              samples=count, seconds=watch.seconds)  # fmt: skip
+        curves = {"denoise_mse": mse} | ({"denoise_mse_oracle": oracle_mse} if oracle_mse else {})
+        for name, values in curves.items():
+            for s, value in zip(self.sigmas, values, strict=True):
+                key = f"{prefix}/{name}/{sigma_key(s)}"
+                pl_module.log(key, value, sync_dist=True)
+                record_metric(trainer, key, value, samples=count, nfe=1, seconds=watch.seconds,
+                              per_rank_samples=per_rank)  # fmt: skip
         result: dict[str, Any] = {"sigmas": list(self.sigmas), "mse": mse,
                                   "oracle_mse": oracle_mse, "count": count,
-                                  "seconds": watch.seconds, "csv": None, "png": None}  # fmt: skip
+                                  "per_rank_count": per_rank, "seconds": watch.seconds,
+                                  "csv": None, "png": None}  # fmt: skip
         if trainer.is_global_zero:
             self._write(trainer, out_dir, prefix, result)
         self.last_result = result

@@ -6,9 +6,11 @@ Every extractor is an ``nn.Module`` with one contract:
   coordinates) -> features [B, num_features] float32. Extractors clamp / quantise as they need.
 * ``identity()``: a string that changes whenever the features would (network, weights, options);
   the FID callback keys its cached real statistics by it.
+* ``check()``: fail now, in one line, if ``prepare()`` could not succeed (a missing weights
+  file); cheap. The FID callback calls it when fit / validate / test starts.
 * ``prepare()``: make the weights available (load or build them); idempotent, cheap once done.
-  The FID callback calls it on rank 0 first, then (after a barrier) on every rank, so an
-  extractor that trains or writes weights does so once.
+  The FID callback calls it at its first evaluation, on rank 0 first, then (after a barrier) on
+  every rank, so an extractor that trains or writes weights does so once.
 
 Extractors:
 
@@ -99,6 +101,10 @@ class FeatureExtractor(nn.Module):
     def identity(self) -> str:
         """A string that changes whenever the features would (used in cache keys)."""
 
+    def check(self) -> None:
+        """Raise a one-line :class:`NoiseclsError` now if :meth:`prepare` could not succeed
+        (e.g. a weights file that is not there); cheap, reads no weights."""
+
     def prepare(self) -> None:
         """Make the weights available (idempotent)."""
 
@@ -114,14 +120,20 @@ class InceptionFeatures(FeatureExtractor):
     interpolation (the original FID resize; torchmetrics' default ``antialias=True`` resize gives
     different numbers). Output [B, feature_dim] float32.
 
+    Constructing it reads nothing (a config with it instantiates anywhere); :meth:`check` finds
+    the weights file (the FID callback calls it when fit / validate / test starts, so a missing
+    file fails before training, not at the first evaluation) and :meth:`prepare` builds
+    torch-fidelity's ``FeatureExtractorInceptionV3`` from it.
+
     Args:
         weights_path: the torch-fidelity weights file
-            ``weights-inception-2015-12-05-6726825d.pth`` (from ``INCEPTION_URL``). None looks
-            for it in torch hub's checkpoint directory. A missing file is a one-line
+            ``weights-inception-2015-12-05-6726825d.pth`` (from ``INCEPTION_URL``), i.e. a
+            ``torch.save``-d state dict of ``FeatureExtractorInceptionV3``. None looks for it in
+            torch hub's checkpoint directory. A missing file is a one-line
             :class:`NoiseclsError` naming this option; nothing is downloaded unless
             ``allow_download``.
         feature_dim: 64, 192, 768 or 2048 (pool3, the standard FID features).
-        allow_download: with weights_path None and no cached copy, download from
+        allow_download: with weights_path None and no cached copy, let torch-fidelity download
             ``INCEPTION_URL`` into torch hub's directory.
     """
 
@@ -133,52 +145,76 @@ class InceptionFeatures(FeatureExtractor):
             raise ValueError(f"feature_dim must be 64, 192, 768 or 2048, got {feature_dim}")
         self.feature_dim = feature_dim
         self.num_features = feature_dim
-        self.weights_path = self._resolve(weights_path, allow_download)
+        self.requested_path = weights_path
+        self.allow_download = allow_download
+        self.weights_path: Path | None = None
+        self.net: nn.Module | None = None
         self._sha: str | None = None
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat",
-            [str(feature_dim)],
-            feature_extractor_weights_path=str(self.weights_path) if self.weights_path else None,
-        )
-        self.requires_grad_(False)
-        self.eval()
 
     @staticmethod
-    def _resolve(weights_path: str | None, allow_download: bool) -> Path | None:
+    def hub_path() -> Path:
+        """Where torch hub (and torch-fidelity's download) keeps the weights file."""
+        return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+
+    def check(self) -> None:
+        """Find the weights file; one-line :class:`NoiseclsError` naming the option if absent."""
         name = INCEPTION_URL.rsplit("/", 1)[1]
-        if weights_path is not None:
-            path = Path(weights_path).expanduser()
+        if self.requested_path is not None:
+            path = Path(self.requested_path).expanduser()
             if not path.is_file():
                 raise NoiseclsError(
-                    f"Inception weights not found at {path}: set "
-                    f"feature_extractor.init_args.weights_path (InceptionFeatures weights_path) "
-                    f"to a local copy of {name} ({INCEPTION_URL})"
+                    f"Inception weights not found at {path}: set the FID callback's "
+                    "feature_extractor.init_args.weights_path (InceptionFeatures) to a local copy "
+                    f"of {name} ({INCEPTION_URL})"
                 )
-            return path
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / name
-        if cached.is_file():
-            return cached
-        if allow_download:
-            return None  # torch-fidelity downloads into torch hub's directory
-        raise NoiseclsError(
-            f"Inception weights {name} are not in {cached.parent} and downloading is off: set "
-            f"feature_extractor.init_args.weights_path (InceptionFeatures weights_path) to a local "
-            f"copy (from {INCEPTION_URL}) or allow_download: true"
-        )
+            self.weights_path = path
+        elif self.hub_path().is_file():
+            self.weights_path = self.hub_path()
+        elif not self.allow_download:
+            raise NoiseclsError(
+                f"Inception weights {name} are not in {self.hub_path().parent} and downloading is "
+                "off: set the FID callback's feature_extractor.init_args.weights_path "
+                f"(InceptionFeatures) to a local copy (from {INCEPTION_URL}) or allow_download: "
+                "true"
+            )
+
+    def prepare(self) -> None:
+        """Build the network from the weights file (downloading it first if allowed)."""
+        if self.net is not None:
+            return
+        self.check()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        path = str(self.weights_path) if self.weights_path is not None else None
+        try:
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", [str(self.feature_dim)], feature_extractor_weights_path=path
+            )
+        except (RuntimeError, OSError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise NoiseclsError(
+                f"cannot load Inception weights from {path or INCEPTION_URL} ({first}); it must "
+                f"be torch-fidelity's {INCEPTION_URL.rsplit('/', 1)[1]}"
+            ) from err
+        if self.weights_path is None:  # downloaded by torch-fidelity into torch hub's directory
+            self.weights_path = self.hub_path()
+        self.net = net.requires_grad_(False).eval()
 
     def identity(self) -> str:
         if self._sha is None:
-            path = self.weights_path
-            if path is None:
-                path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+            self.check()
+            path = self.weights_path or self.hub_path()
+            if not path.is_file():  # allow_download and not fetched yet
+                self.prepare()
+                path = self.hub_path()
             self._sha = file_sha256(path)
         return f"torch-fidelity-inception-v3/{self.feature_dim}/tf1-resize/sha256={self._sha}"
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"InceptionFeatures expects [B, 1|3, H, W], got {tuple(x.shape)}")
+        self.prepare()
+        assert self.net is not None
         images = to_uint8_images(x)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
@@ -230,7 +266,8 @@ class DigitsFeatures(FeatureExtractor):
 
     Args:
         weights_path: where the trained weights live; default
-            ``default_cache_dir()/digits_features_v{VERSION}_seed{seed}.pt``.
+            ``default_cache_dir()/digits_features_v{VERSION}_seed{seed}_split{split_seed}_d{
+            feature_dim}_e{train_epochs}.pt`` (one file per training recipe).
         seed: training seed.
         split_seed: seed of the DigitsDataModule split whose train part it learns from.
         feature_dim: width of the feature layer.
@@ -250,7 +287,11 @@ class DigitsFeatures(FeatureExtractor):
         super().__init__()
         self.seed, self.split_seed, self.train_epochs = seed, split_seed, train_epochs
         self.num_features = feature_dim
-        default = default_cache_dir() / f"digits_features_v{self.VERSION}_seed{seed}.pt"
+        name = (
+            f"digits_features_v{self.VERSION}_seed{seed}_split{split_seed}_d{feature_dim}"
+            f"_e{train_epochs}.pt"
+        )
+        default = default_cache_dir() / name
         self.weights_path = Path(weights_path).expanduser() if weights_path else default
         self.net = _DigitsCNN(feature_dim)
         self.requires_grad_(False)

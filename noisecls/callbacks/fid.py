@@ -53,6 +53,7 @@ from noisecls.callbacks.results import (
     gather_round,
     local_batches,
     metric_prefix,
+    rank_counts,
     record_metric,
     reference_dataset,
     shard_rounds,
@@ -94,8 +95,10 @@ class RealStatistics:
 
 def dataset_description(datamodule: Any, dataset: Dataset) -> dict[str, Any]:
     """What identifies a reference set for the cache key: DataModule class and data
-    hyperparameters, dataset type / length / transform, and a hash of 16 spread-out items
-    (read under a fixed RNG seed, so random transforms hash reproducibly)."""
+    hyperparameters (not the loader-only ones, nor LightningCLI's ``_class_path`` bookkeeping:
+    a DataModule built in Python and the same one built by ``noisecls`` share statistics),
+    dataset type / length / transform, and a hash of 16 spread-out items (read under a fixed
+    RNG seed, so random transforms hash reproducibly)."""
     n = len(dataset)  # type: ignore[arg-type]
     hparams = dict(getattr(datamodule, "hparams", {}) or {})
     h = hashlib.sha256()
@@ -110,7 +113,9 @@ def dataset_description(datamodule: Any, dataset: Dataset) -> dict[str, Any]:
     return {
         "datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
         "hparams": {
-            k: repr(v) for k, v in sorted(hparams.items()) if k not in _LOADER_ONLY_HPARAMS
+            k: repr(v)
+            for k, v in sorted(hparams.items())
+            if k not in _LOADER_ONLY_HPARAMS and not k.startswith("_")  # e.g. CLI's _class_path
         },
         "dataset": f"{type(dataset).__module__}.{type(dataset).__qualname__}",
         "length": n,
@@ -126,9 +131,10 @@ class FIDCallback(EvaluationCallback):
         num_samples: samples generated per evaluation, all ranks together (exactly this many
             are counted). Published FIDs use 50,000.
         every_n_epochs: during fit, evaluate after epochs e with (e + 1) % n == 0 (validation
-            must run then); always in validate / test.
+            must run then; 0: only in validate / test); always in validate / test.
         feature_extractor: a :class:`FeatureExtractor`; default ``InceptionFeatures()`` (weights
             from torch hub's cache; a missing file is a one-line error naming the option).
+            Prepared at the first evaluation (rank 0 first).
         real_stats_cache_dir: directory of cached reference statistics; default
             ``default_cache_dir()/fid_stats``.
         batch_size: samples per ``sample()`` call and per feature batch, per rank.
@@ -143,8 +149,8 @@ class FIDCallback(EvaluationCallback):
 
     Attributes:
         last_result: after each evaluation: fid, kid, kid_std, num_fake, num_real,
-            local_generated (samples this rank generated), real_stats_source ("cache" | "memory"
-            | "computed"), seconds.
+            local_generated (samples this rank generated), per_rank_generated (every rank's,
+            in rank order), nfe, real_stats_source ("cache" | "memory" | "computed"), seconds.
     """
 
     def __init__(
@@ -184,21 +190,32 @@ class FIDCallback(EvaluationCallback):
         self.sampler = sampler
         self.seed = seed
         self._real: dict[str, RealStatistics] = {}
+        self._prepared = False
         self.last_result: dict[str, Any] = {}
         self.cache_path: Path | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check (cheaply) that the extractor can be prepared: a missing Inception weights file
+        is reported before training starts, not at the first evaluation."""
         super().setup(trainer, pl_module, stage)
-        if stage not in ("fit", "validate", "test"):
-            return
+        if stage in ("fit", "validate", "test"):
+            if self.extractor is None:
+                self.extractor = InceptionFeatures()
+            self.extractor.check()
+
+    def _prepare_extractor(self, trainer: L.Trainer) -> FeatureExtractor:
+        """Create (default Inception) and prepare the extractor, at the first evaluation: rank 0
+        first, so an extractor that builds its weights (DigitsFeatures) writes them once."""
         if self.extractor is None:
             self.extractor = InceptionFeatures()
-        # rank 0 first: an extractor that builds its weights writes them once
-        if trainer.is_global_zero:
+        if not self._prepared:
+            if trainer.is_global_zero:
+                self.extractor.prepare()
+            trainer.strategy.barrier("noisecls-fid-extractor")
             self.extractor.prepare()
-        trainer.strategy.barrier("noisecls-fid-extractor")
-        self.extractor.prepare()
+            self._prepared = True
+        return self.extractor
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if should_evaluate(trainer, self.every_n_epochs):
@@ -210,9 +227,8 @@ class FIDCallback(EvaluationCallback):
     # ---- evaluation ----------------------------------------------------------------------
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Generate, extract, compare; log ``{val|test}/fid``, ``/kid``, ``/kid_std``."""
-        assert self.extractor is not None, "setup() creates the extractor"
         device = pl_module.device
-        self.extractor.to(device)
+        self._prepare_extractor(trainer).to(device)
         prefix = metric_prefix(trainer)
         with Stopwatch() as watch, torch.inference_mode(False), torch.no_grad():
             real, source = self._real_statistics(trainer, device)
@@ -234,6 +250,7 @@ class FIDCallback(EvaluationCallback):
                 sampler=sampler_name,
                 nfe=result["nfe"],
                 seconds=watch.seconds,
+                per_rank_samples=result["per_rank_generated"],
             )
         return result
 
@@ -259,7 +276,7 @@ class FIDCallback(EvaluationCallback):
                 subset_size=self.kid_subset_size,
                 sync_on_compute=False,
             ).to(device)
-            kid.update(real.kid_features.to(device), real=True)
+            kid.update(real.kid_features.to(device, torch.float64), real=True)
         sampler = self.sampler or getattr(pl_module, "sampler", None)
         num_classes = getattr(trainer.datamodule, "num_classes", None)
         local_generated, nfe = 0, None
@@ -285,7 +302,7 @@ class FIDCallback(EvaluationCallback):
             ):
                 fid.update(rows.double(), real=False)
                 if kid is not None:
-                    kid.update(rows, real=False)
+                    kid.update(rows.double(), real=False)
         num_fake = int(fid.fake_features_num_samples)
         result: dict[str, Any] = {
             "fid": float(fid.compute()),
@@ -294,6 +311,7 @@ class FIDCallback(EvaluationCallback):
             "num_fake": num_fake,
             "num_real": real.count,
             "local_generated": local_generated,
+            "per_rank_generated": rank_counts(trainer, local_generated, device),
             "nfe": int(nfe) if nfe is not None else None,
         }
         if kid is not None:
@@ -314,6 +332,7 @@ class FIDCallback(EvaluationCallback):
             "extractor": self.extractor.identity(),
             "max_real_samples": self.max_real_samples,
             "kid_max_real": self.kid_max_real,
+            "kid_subset_seed": self.seed,  # which real features KID keeps
         }
 
     def _real_statistics(
@@ -389,7 +408,9 @@ class FIDCallback(EvaluationCallback):
         total = outer = None
         kid_rows: list[Tensor] = []
         world = trainer.world_size
-        for i, (_, batch) in enumerate(local_batches(dataset, n, self.batch_size, trainer)):
+        workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0)
+        batches = local_batches(dataset, n, self.batch_size, trainer, num_workers=workers)
+        for i, (_, batch) in enumerate(batches):
             features = None
             if batch is not None:
                 x, _ = split_batch(batch)

@@ -22,7 +22,10 @@ Logged: ``val/nll_bpd`` (and ``val/nll_nats_per_dim`` for continuous data); ``te
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -36,15 +39,20 @@ from noisecls.callbacks.results import (
     heldout_dataset,
     local_batches,
     metric_prefix,
+    rank_counts,
     record_metric,
     should_evaluate,
     split_batch,
     supported_kwargs,
 )
+from noisecls.denoisers import CountingDenoiser
 from noisecls.likelihood import dequantize, nll_to_bits_per_dim
 from noisecls.methods.base import derive_seed
 
 __all__ = ["NLLCallback"]
+
+#: options shown in the results table's sampler column, per estimator
+_DESCRIBED_OPTIONS = {"ode": ("trace", "num_steps"), "elbo": ("num_levels",)}
 
 
 class NLLCallback(EvaluationCallback):
@@ -56,7 +64,8 @@ class NLLCallback(EvaluationCallback):
             method's default.
         trace: "exact" or "hutchinson" (ODE estimator); None: the method's default.
         num_steps: integration steps (ODE estimator); None: the method's default.
-        every_n_epochs: during fit, evaluate after epochs e with (e + 1) % n == 0.
+        every_n_epochs: during fit, evaluate after epochs e with (e + 1) % n == 0 (0: only in
+            validate / test).
         batch_size: examples per ``log_likelihood`` call, per rank.
         seed: base seed of dequantization noise and estimator randomness.
         dequantize: dequantize when the DataModule has ``num_bins`` (else always continuous).
@@ -64,7 +73,8 @@ class NLLCallback(EvaluationCallback):
 
     Attributes:
         last_result: after each evaluation: bpd, nats_per_dim, count (examples, all ranks),
-            local_count (this rank), seconds.
+            local_count (this rank), per_rank_count (every rank's), nfe (denoiser evaluations
+            per example, None when the estimator does not use ``denoiser()``), seconds.
     """
 
     def __init__(
@@ -113,10 +123,12 @@ class NLLCallback(EvaluationCallback):
         return accepted
 
     def describe(self, pl_module: L.LightningModule) -> str:
-        """The estimator as a short string for results tables, e.g. ``ode(exact,64)``."""
-        options = self._options(pl_module)
-        name = str(options.get("estimator", "default"))
-        extras = [str(options[k]) for k in ("trace", "num_steps") if k in options]
+        """The estimator as a short string for results tables, e.g. ``ode(exact,64)``: the
+        options given here, else the defaults of the method's ``log_likelihood``."""
+        options = method_defaults(pl_module.log_likelihood) | self._options(pl_module)
+        name = str(options.get("estimator", type(pl_module).__name__))
+        keys = _DESCRIBED_OPTIONS.get(name, ())
+        extras = [str(options[k]) for k in keys if options.get(k) is not None]
         return f"{name}({','.join(extras)})" if extras else name
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -128,15 +140,23 @@ class NLLCallback(EvaluationCallback):
         dm = trainer.datamodule
         num_bins = getattr(dm, "num_bins", None) if self.dequantize else None
         options = self._options(pl_module)
-        accepts_labels = "class_labels" in supported_kwargs(
-            pl_module.log_likelihood, {"class_labels": None}
-        )[0]
+        accepts_labels = (
+            "class_labels" in supported_kwargs(pl_module.log_likelihood, {"class_labels": None})[0]
+        )
         device = pl_module.device
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = local_count = 0
         num_dims = None
-        with Stopwatch() as watch, torch.inference_mode(False), torch.no_grad():
-            for b, batch in local_batches(dataset, n, self.batch_size, trainer):
+        nfe: int | None = None
+        workers = int(getattr(dm, "num_workers", 0) or 0)
+        batches = local_batches(dataset, n, self.batch_size, trainer, num_workers=workers)
+        with (
+            Stopwatch() as watch,
+            torch.inference_mode(False),
+            torch.no_grad(),
+            counted_denoiser(pl_module) as counter,
+        ):
+            for b, batch in batches:
                 nll = None
                 if batch is not None:
                     x, y = split_batch(batch)
@@ -150,11 +170,12 @@ class NLLCallback(EvaluationCallback):
                         labels = pl_module.class_labels(y.to(device))
                         if labels is not None:
                             kwargs["class_labels"] = labels
+                    calls_before = counter.nfe if counter is not None else 0
                     nll = -pl_module.log_likelihood(x, **kwargs).detach().to(torch.float64)
+                    if counter is not None:
+                        nfe = max(nfe or 0, counter.nfe - calls_before) or None
                     local_count += x.shape[0]
-                for rows in gather_round(
-                    trainer, nll, self.batch_size, (), torch.float64, device
-                ):
+                for rows in gather_round(trainer, nll, self.batch_size, (), torch.float64, device):
                     total += rows.sum()
                     count += rows.shape[0]
         if num_dims is None:  # a rank without examples: the data shape says it
@@ -162,8 +183,10 @@ class NLLCallback(EvaluationCallback):
         mean_nll = total / count
         bpd = float(nll_to_bits_per_dim(mean_nll, num_dims, num_bins))
         nats = float(mean_nll) / num_dims
+        per_rank = rank_counts(trainer, local_count, device)
         self.last_result = {"bpd": bpd, "nats_per_dim": nats, "count": count,
-                            "local_count": local_count, "seconds": watch.seconds}  # fmt: skip
+                            "local_count": local_count, "per_rank_count": per_rank, "nfe": nfe,
+                            "seconds": watch.seconds}  # fmt: skip
         prefix = metric_prefix(trainer)
         values = {"nll_bpd": bpd}
         if num_bins is None:
@@ -171,5 +194,36 @@ class NLLCallback(EvaluationCallback):
         for name, value in values.items():
             pl_module.log(f"{prefix}/{name}", value, sync_dist=True)
             record_metric(trainer, f"{prefix}/{name}", value, samples=count,
-                          sampler=self.describe(pl_module), seconds=watch.seconds)  # fmt: skip
+                          sampler=self.describe(pl_module), nfe=nfe, seconds=watch.seconds,
+                          per_rank_samples=per_rank)  # fmt: skip
         return self.last_result
+
+
+def method_defaults(fn: Any) -> dict[str, Any]:
+    """The keyword defaults of a method's signature (e.g. ``log_likelihood``'s estimator)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+@contextmanager
+def counted_denoiser(pl_module: L.LightningModule) -> Iterator[CountingDenoiser | None]:
+    """Count the denoiser evaluations of whatever the module computes inside the block.
+
+    ``pl_module.denoiser()`` is shadowed (an instance attribute, removed on exit) by one that
+    returns the same denoiser wrapped in a :class:`~noisecls.denoisers.CountingDenoiser`, so a
+    ``log_likelihood`` built on ``denoiser()`` reports its NFE; an estimator that does not go
+    through ``denoiser()`` (e.g. CDM's one-pass likelihood) counts 0. Yields None (nothing
+    counted) for a module without ``denoiser()``.
+    """
+    if not callable(getattr(pl_module, "denoiser", None)):
+        yield None
+        return
+    counter = CountingDenoiser(pl_module.denoiser())
+    pl_module.__dict__["denoiser"] = lambda: counter
+    try:
+        yield counter
+    finally:
+        pl_module.__dict__.pop("denoiser", None)

@@ -58,8 +58,11 @@ class MetricRecord:
         value: the value (float; units in the metric's name / callback docs).
         samples: number of samples / examples it was computed from (all ranks together).
         sampler: how samples or likelihoods were produced, e.g. ``heun(18)`` or ``ode(exact,64)``.
-        nfe: denoiser evaluations per generated sample (None when not applicable).
+        nfe: denoiser evaluations per generated sample or per evaluated example (None when not
+            applicable or not observable).
         seconds: wall-clock seconds the computation took (on this rank).
+        per_rank_samples: how many of ``samples`` each rank produced, in rank order (their sum
+            is ``samples``: every sample counted once).
         stage: ``fit`` / ``validate`` / ``test``.
         epoch, step: trainer epoch and global step when computed.
     """
@@ -70,6 +73,7 @@ class MetricRecord:
     sampler: str | None = None
     nfe: int | None = None
     seconds: float | None = None
+    per_rank_samples: list[int] | None = None
     stage: str = ""
     epoch: int = 0
     step: int = 0
@@ -256,6 +260,14 @@ def gather_round(
     return [rows[r, : int(counts[r])] for r in range(world) if int(counts[r]) > 0]
 
 
+def rank_counts(trainer: L.Trainer, local: int, device: torch.device) -> list[int]:
+    """Every rank's ``local`` count, in rank order (collective under DDP)."""
+    if trainer.world_size == 1:
+        return [int(local)]
+    t = torch.tensor([int(local)], dtype=torch.int64, device=device)
+    return [int(c) for c in trainer.strategy.all_gather(t).reshape(-1).tolist()]
+
+
 def batch_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 0) -> DataLoader:
     """A DataLoader yielding exactly the given index batches of ``dataset``, in order."""
     return DataLoader(
@@ -264,12 +276,14 @@ def batch_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 
 
 
 def local_batches(
-    dataset: Dataset, num_items: int, batch_size: int, trainer: L.Trainer
+    dataset: Dataset, num_items: int, batch_size: int, trainer: L.Trainer, num_workers: int = 0
 ) -> Iterator[tuple[int, Any]]:
-    """For each round (see :func:`shard_rounds`): (global batch index, collated batch or None)."""
+    """For each round (see :func:`shard_rounds`): (global batch index, collated batch or None).
+
+    ``num_workers``: DataLoader worker processes reading this rank's batches."""
     rounds = list(shard_rounds(num_items, batch_size, trainer.world_size, trainer.global_rank))
     mine = [list(r) for _, r in rounds if r is not None]
-    iterator = iter(batch_loader(dataset, mine)) if mine else iter(())
+    iterator = iter(batch_loader(dataset, mine, num_workers)) if mine else iter(())
     for b, r in rounds:
         yield b, (next(iterator) if r is not None else None)
 
@@ -347,8 +361,8 @@ class ResultsWriter(Callback):
     test run, adds any other logged ``test/...`` value (e.g. ``test/loss``) with the unknown
     columns empty, and writes (rank 0, atomically) into ``path_dir`` (default: the log dir):
 
-    * ``results.json``: ``{"checkpoint", "model", "records": [{metric, value, samples, sampler,
-      nfe, seconds, stage, epoch, step}, ...]}``;
+    * ``results.json``: ``{"checkpoint", "model", "world_size", "records": [{metric, value,
+      samples, sampler, nfe, seconds, per_rank_samples, stage, epoch, step}, ...]}``;
     * ``results.md``: a Markdown table with columns metric | value | samples | sampler | NFE |
       seconds.
 
@@ -383,9 +397,11 @@ class ResultsWriter(Callback):
         payload = {
             "checkpoint": trainer.ckpt_path,
             "model": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
-            "records": [asdict(r) for r in records],
+            "world_size": trainer.world_size,
+            "records": [_jsonable_record(r) for r in records],
         }
-        atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
+        text = json.dumps(payload, indent=2, allow_nan=False)
+        atomic_write_text(out_dir / "results.json", text + "\n")
         rows = [_row(r) for r in records]
         lines = [
             "| " + " | ".join(RESULT_COLUMNS) + " |",
@@ -396,6 +412,14 @@ class ResultsWriter(Callback):
         self.written = [out_dir / "results.json", out_dir / "results.md"]
         for logger in wandb_loggers(trainer):
             logger.log_table(key="test/results", columns=RESULT_COLUMNS, data=rows)
+
+
+def _jsonable_record(r: MetricRecord) -> dict[str, Any]:
+    """A record as a JSON object (a non-finite value becomes the string "nan" / "inf")."""
+    out = asdict(r)
+    if not math.isfinite(r.value):
+        out["value"] = repr(r.value)
+    return out
 
 
 def _row(r: MetricRecord) -> list[str]:
