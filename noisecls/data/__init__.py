@@ -13,6 +13,7 @@ from noisecls.data.base import (
     per_device_batch_size,
 )
 from noisecls.data.digits import DigitsDataModule
+from noisecls.data.fake import RealFakeDataModule
 from noisecls.data.images import (
     AFHQ64DataModule,
     CelebA64DataModule,
@@ -35,6 +36,7 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageResolutionError",
     "NoiseclsDataModule",
+    "RealFakeDataModule",
     "ToyDataModule",
     "per_device_batch_size",
     "preprocess_image",

@@ -4,5 +4,6 @@ from noisecls.methods.base import DiffusionModule
 from noisecls.methods.cdl import CDL, ZetaConfig
 from noisecls.methods.cdm import CDM
 from noisecls.methods.ddm import DDM
+from noisecls.methods.dg import DG, GuidanceConfig
 
-__all__ = ["CDL", "CDM", "DDM", "DiffusionModule", "ZetaConfig"]
+__all__ = ["CDL", "CDM", "DDM", "DG", "DiffusionModule", "GuidanceConfig", "ZetaConfig"]
