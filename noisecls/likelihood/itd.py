@@ -191,9 +191,7 @@ class GaussianReference:
         w, lam = self.centered(u, data_log_snr)
         return -0.5 * (self.dim * _LOG_2PI + lam.log().sum(1) + (w**2 / lam).sum(1))
 
-    def eps_error(
-        self, w: Tensor, lam: Tensor, log_snr: Tensor, eps: Tensor | None
-    ) -> Tensor:
+    def eps_error(self, w: Tensor, lam: Tensor, log_snr: Tensor, eps: Tensor | None) -> Tensor:
         """||eps - eps_hat_q||² at log-SNR a [N] (eq. 2) for the same eps [N, ...], or its
         expectation mmse_q(u, a) when eps is None; [N] float64."""
         gamma = torch.exp(log_snr.to(torch.float64))[:, None]

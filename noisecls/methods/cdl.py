@@ -16,6 +16,7 @@ calls the sigma-space denoiser (sigma = exp(-a/2); for EDM D(x) = x - sigma·eps
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -37,7 +38,7 @@ from noisecls.likelihood.itd import (
 )
 from noisecls.methods.base import PredictConfig
 from noisecls.methods.ddm import DDM
-from noisecls.process.schedules import NoiseSchedule
+from noisecls.process.schedules import NoiseSchedule, broadcast_like
 from noisecls.samplers import SamplerConfig
 
 
@@ -83,14 +84,18 @@ class CDL(DDM):
 
     Args:
         net, schedule, prediction, class_conditional: as in ``DDM``.
-        cdl_weight: weight of L_CDL added to the denoising loss (0: plain DDM).
+        cdl_weight: weight of L_CDL added to the denoising loss (0: plain DDM). L_CDL is a mean
+            cross-entropy whose logit is a difference of log-densities in nats (summed over the
+            D data dimensions) while the denoising loss is a per-element mean, so comparable
+            weights shrink like 1/D (see the experiments/cdl_*.yaml comments).
         cdl_examples: examples per batch that enter L_CDL (each gives a positive x and a
-            negative x_zeta).
+            negative x_zeta), the first ones of the batch.
         cdl_points: ITD log-SNR points per density estimate inside the loss.
         zeta: distribution of the negatives' log-SNR.
         itd: ITD estimator options (importance distribution, reference) for the loss and for
             ``log_likelihood``; ``itd.num_points`` is the evaluation default.
-        init_from: a DDM or CDL checkpoint whose weights initialise the network (fine-tuning).
+        init_from: a DDM or CDL checkpoint whose weights initialise the network when fitting
+            starts (fine-tuning; a run resumed with ``--ckpt_path`` then restores its own).
         Others: see ``DiffusionModule``.
 
     The Gaussian reference (data mean and covariance) comes from the DataModule's
@@ -104,8 +109,8 @@ class CDL(DDM):
         prediction: Literal["eps", "x0", "v", "edm"] = "eps",
         class_conditional: bool = False,
         cdl_weight: float = 1.0,
-        cdl_examples: int = 16,
-        cdl_points: int = 4,
+        cdl_examples: int = 2,
+        cdl_points: int = 64,
         zeta: ZetaConfig | None = None,
         itd: ITDConfig | None = None,
         init_from: str | None = None,
@@ -126,18 +131,17 @@ class CDL(DDM):
         self.cdl_weight, self.cdl_examples, self.cdl_points = cdl_weight, cdl_examples, cdl_points
         self.zeta = zeta or ZetaConfig()
         self.itd = itd or ITDConfig()
-        self.register_buffer("ref_mean", None, persistent=False)
-        self.register_buffer("ref_eigenvalues", None, persistent=False)
-        self.register_buffer("ref_eigenvectors", None, persistent=False)
-        if init_from is not None:
-            self.load_denoiser_weights(init_from)
+        self.init_from = init_from
+        # A plain attribute, not buffers: the EMA callback pairs parameters and buffers of the
+        # module with those of its copy made before setup, when the reference is not known yet.
+        self._reference: GaussianReference | None = None
 
     # ---- fine-tuning ----------------------------------------------------------------------
     def load_denoiser_weights(self, path: str) -> None:
         """Initialise from a DDM / CDL checkpoint of the same network and prediction."""
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError) as err:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             raise NoiseclsError(f"cannot read init_from checkpoint {path!r}: {err}") from err
         hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
         writer = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
@@ -165,38 +169,38 @@ class CDL(DDM):
     # ---- the Gaussian reference -----------------------------------------------------------
     def set_reference(self, mean: Tensor, covariance: Tensor) -> None:
         """Fit the ITD Gaussian reference to a data mean [D] and covariance [D, D]."""
-        ref = GaussianReference.fit(
+        self._reference = GaussianReference.fit(
             mean, covariance, min_eigenvalue=self.itd.min_eigenvalue,
             diagonal=self.itd.reference == "diagonal",
         )  # fmt: skip
-        self._store_reference(ref)
-
-    def _store_reference(self, ref: GaussianReference) -> None:
-        self.ref_mean = ref.mean.to(self.device)
-        self.ref_eigenvalues = ref.eigenvalues.to(self.device)
-        vec = ref.eigenvectors
-        self.ref_eigenvectors = None if vec is None else vec.to(self.device)
 
     @property
     def reference(self) -> GaussianReference:
-        """The Gaussian reference of the ITD estimator (set at setup or by ``set_reference``)."""
-        if self.ref_mean is None:
+        """The Gaussian reference of the ITD estimator (set at setup or by ``set_reference``),
+        on the module's device."""
+        if self._reference is None:
             raise NoiseclsError(
                 "CDL needs the training data's mean and covariance: train it with a noisecls "
                 "DataModule (train_statistics) or call set_reference(mean, covariance)"
             )
-        return GaussianReference(self.ref_mean, self.ref_eigenvalues, self.ref_eigenvectors)
+        if self._reference.mean.device != self.device:
+            self._reference = self._reference.to(self.device)
+        return self._reference
 
     def setup(self, stage: str) -> None:
+        """Fine-tuning: load ``init_from`` when fitting starts; the reference from the
+        DataModule's training statistics unless set (or restored from a checkpoint)."""
+        if stage == "fit" and self.init_from is not None:
+            self.load_denoiser_weights(self.init_from)
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if self.ref_mean is None and hasattr(datamodule, "train_statistics"):
+        if self._reference is None and hasattr(datamodule, "train_statistics"):
             self.set_reference(*datamodule.train_statistics())
         super().setup(stage)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.ref_mean is not None:
-            ref = self.reference
+        if self._reference is not None:
+            ref = self._reference
             checkpoint["cdl_reference"] = {
                 "mean": ref.mean.cpu(),
                 "eigenvalues": ref.eigenvalues.cpu(),
@@ -207,8 +211,8 @@ class CDL(DDM):
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("cdl_reference")
         if saved is not None:
-            self._store_reference(
-                GaussianReference(saved["mean"], saved["eigenvalues"], saved["eigenvectors"])
+            self._reference = GaussianReference(
+                saved["mean"], saved["eigenvalues"], saved["eigenvectors"]
             )
 
     # ---- the estimator, the classifier and the loss -----------------------------------------
@@ -251,9 +255,11 @@ class CDL(DDM):
         """(L_CDL, classification accuracy) on clean x0 [n, ...] and their zeta-noised copies."""
         n = x0.shape[0]
         zeta = self.zeta.sample(n, generator, x0.device)
-        s = torch.sigmoid(zeta).to(x0.dtype).reshape(n, *[1] * (x0.ndim - 1))
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        noisy = s.sqrt() * x0 + (1 - s).sqrt() * eps  # VP channel at zeta
+        # VP channel at zeta; sigmoid(-zeta) directly, since 1 - sigmoid(zeta) cancels at zeta ~ 10
+        signal = broadcast_like(torch.sigmoid(zeta).sqrt(), x0)
+        noise = broadcast_like(torch.sigmoid(-zeta).sqrt(), x0)
+        noisy = signal * x0 + noise * eps
         u = torch.cat([x0, noisy])
         sign = torch.cat([x0.new_ones(n), -x0.new_ones(n)]).to(torch.float64)
         logit = self.noise_classifier_logit(

@@ -29,6 +29,10 @@ class SamplerConfig:
             dpm_solver_2).
         eta: DDIM stochasticity (ddim only).
         s_churn, s_tmin, s_tmax, s_noise: EDM stochastic Heun options (heun only).
+        parallel: solve the euler / ddim / ddpm trajectory by Picard iteration
+            (``sample_parallel``, ParaDiGMS); NFE is then the evaluations per sample summed
+            over the sweeps.
+        window, tolerance: the parallel sampler's sliding window (None: all steps) and tolerance.
     """
 
     name: SamplerName = "heun"
@@ -38,6 +42,9 @@ class SamplerConfig:
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    parallel: bool = False
+    window: int | None = None
+    tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         if self.name not in ("euler", "ddim", "ddpm", "heun", "dpm_solver_2"):
@@ -46,6 +53,14 @@ class SamplerConfig:
             )
         if self.num_steps < 1:
             raise ValueError(f"sampler num_steps must be >= 1, got {self.num_steps}")
+        if self.parallel and self.name not in ("euler", "ddim", "ddpm"):
+            raise ValueError(
+                f"the parallel (Picard) sampler runs euler, ddim or ddpm, not {self.name!r}"
+            )
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"sampler window must be >= 1, got {self.window}")
+        if self.tolerance <= 0:
+            raise ValueError(f"sampler tolerance must be positive, got {self.tolerance}")
 
 
 def run_sampler(
@@ -58,6 +73,13 @@ def run_sampler(
     cond: dict | None = None,
 ) -> tuple[Tensor, int]:
     """Run the configured sampler from x at sigmas[0]; returns (samples, NFE)."""
+    if config.parallel:
+        eta = {"euler": 0.0, "ddim": config.eta, "ddpm": 1.0}[config.name]
+        result = sample_parallel(
+            denoiser, x, sigmas, eta=eta, window=config.window, tolerance=config.tolerance,
+            generator=generator, cond=cond,
+        )  # fmt: skip
+        return result.samples, result.nfe
     counted = CountingDenoiser(denoiser)
     common = {"generator": generator, "cond": cond}
     if config.name == "euler":
@@ -70,7 +92,7 @@ def run_sampler(
         out = sample_heun(
             counted, x, sigmas, s_churn=config.s_churn, s_tmin=config.s_tmin,
             s_tmax=config.s_tmax, s_noise=config.s_noise, **common,
-        )
+        )  # fmt: skip
     else:
         out = sample_dpm_solver_2(counted, x, sigmas, **common)
     return out, counted.nfe

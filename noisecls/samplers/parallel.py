@@ -5,15 +5,19 @@ drift f_i(x) = (s_down_i / s_i - 1)·(x - D(x, s_i)) and injected noise n_i = s_
 stochasticity eta, ``ancestral_step``: eta = 0 is Euler = deterministic DDIM, eta = 1 is DDPM).
 Picard iteration solves all steps at once (ParaDiGMS Algorithm 1):
 
-    x^{k+1}_{j} = x_b + sum_{i=b}^{j-1} [f_i(x^k_i) + n_i],    j = b+1 .. b+p,
+    x^{k+1}_j = x_b + sum_{i=b}^{j-1} [f_i(x^k_i) + n_i],    j = b+1 .. b+p,
 
-evaluating the p drifts of a window [b, b+p) in one batched denoiser call. After each sweep, the
-window slides past every leading step whose update is below tolerance,
+evaluating the p drifts of the window [b, b+p) in one batched denoiser call. After each sweep the
+window slides to the first point whose update is above tolerance (ParaDiGMS section 3.2),
 
-    err_j = mean((x^{k+1}_j - x^k_j)²) / (sigma_data² + s_j²) <= tol²   (max over the batch),
+    mean_d((x^{k+1}_j - x^k_j)²) > tol² · v_j    (for any sample of the batch),
 
-the update normalized by the scale of x at s_j in sigma space; new steps entering the window
-start from the last computed point. The noise z_i is drawn up front in the order the sequential
+v_j = s_j² (s_{j-1}² - s_j²) / s_{j-1}² being the variance of the DDPM (eta = 1) noise of the step
+into x_j, the normalisation ParaDiGMS uses for every discretisation (the ratio is the same in
+sigma space and in the VP scaling). x_{b+1} is exact after one sweep, so the window always moves
+by at least one step and N sweeps reproduce the sequential sampler exactly; the last point
+(v_N = 0) is accepted once the points before it have converged. Steps entering the window start
+from the last computed point. The noise z_i is drawn up front in the order the sequential
 sampler draws it, so with the same generator both target the same trajectory.
 """
 
@@ -36,7 +40,7 @@ class ParallelSampleResult:
     Attributes:
         samples: x at sigmas[-1], [B, ...].
         iterations: Picard sweeps (sequential rounds of batched denoiser calls).
-        nfe: denoiser evaluations per sample, summed over sweeps (window sizes).
+        nfe: denoiser evaluations per sample, summed over sweeps (the window sizes).
         converged: whether every step met the tolerance within ``max_iterations``.
     """
 
@@ -46,6 +50,11 @@ class ParallelSampleResult:
     converged: bool
 
 
+def _step_variances(values: list[float]) -> list[float]:
+    """v_j (j = 1..N) of the module docstring: DDPM step-noise variance into x_j, sigma space."""
+    return [s_next**2 * (s**2 - s_next**2) / s**2 for s, s_next in pairwise(values)]
+
+
 def sample_parallel(
     denoiser: Denoiser,
     x: Tensor,
@@ -53,23 +62,22 @@ def sample_parallel(
     *,
     eta: float = 0.0,
     window: int | None = None,
-    tolerance: float = 1e-3,
-    sigma_data: float = 1.0,
+    tolerance: float = 0.1,
     max_iterations: int | None = None,
     generator: torch.Generator | None = None,
     cond: dict | None = None,
 ) -> ParallelSampleResult:
-    """Picard / ParaDiGMS sampling of the DDIM(eta) discretization (euler: 0, ddpm: 1).
+    """Picard / ParaDiGMS sampling of the DDIM(eta) discretisation (euler: 0, ddpm: 1).
 
     Args:
         denoiser: D(x, sigma, **cond); called on window·B points at once.
         x: starting point at sigmas[0], [B, ...] in sigma space.
-        sigmas: strictly decreasing float64 grid ending at the final sigma (usually 0), [N + 1].
+        sigmas: strictly decreasing grid ending at the final sigma (usually 0), [N + 1].
         eta: DDIM stochasticity; the noise is pre-drawn from ``generator``.
         window: steps solved together (default: all N).
-        tolerance: per-step tolerance on the normalized update (see the module docstring).
-        sigma_data: data scale in the normalization sqrt(sigma_data² + s_j²).
-        max_iterations: cap on sweeps (default 2·N; N sweeps are always exact).
+        tolerance: tau of the per-step test (module docstring); 0.1 is ParaDiGMS' default.
+        max_iterations: cap on sweeps (default N, which always suffices).
+        generator: source of the injected noise (same draws as ``sample_ddim``).
         cond: denoiser keyword arguments, per sample [B, ...].
     """
     values = _check_sigmas(sigmas)
@@ -79,7 +87,9 @@ def sample_parallel(
         raise ValueError(f"parallel sampler window must be >= 1, got {window}")
     if tolerance <= 0:
         raise ValueError(f"parallel sampler tolerance must be positive, got {tolerance}")
-    max_iterations = 2 * n_steps if max_iterations is None else max_iterations
+    if not 0 <= eta <= 1:
+        raise ValueError(f"parallel sampler eta must lie in [0, 1], got {eta}")
+    max_iterations = n_steps if max_iterations is None else max_iterations
     batch = x.shape[0]
     coef, noise = [], []
     for s, s_next in pairwise(values):
@@ -87,10 +97,10 @@ def sample_parallel(
         coef.append(down / s - 1)
         noise.append(up * standard_noise(x, generator) if up > 0 else torch.zeros_like(x))
     coef_t = torch.tensor(coef, dtype=x.dtype, device=x.device)
-    scale = torch.tensor(
-        [sigma_data**2 + s**2 for s in values], dtype=torch.float64, device=x.device
-    )
     noise_t = torch.stack(noise)  # [N, B, ...]
+    threshold = tolerance**2 * torch.tensor(
+        [0.0, *_step_variances(values)], dtype=torch.float64, device=x.device
+    )  # [N + 1], per point
     traj = x.unsqueeze(0).repeat(n_steps + 1, *[1] * x.ndim)  # [N + 1, B, ...]
     cond_rep = {
         k: v.repeat(window, *[1] * (v.ndim - 1)) for k, v in (cond or {}).items() if v is not None
@@ -107,16 +117,16 @@ def sample_parallel(
         shape = (size, *[1] * x.ndim)
         steps = coef_t[begin:end].reshape(shape) * (points - denoised) + noise_t[begin:end]
         new = traj[begin] + torch.cumsum(steps, dim=0)  # x_{begin+1} .. x_end
-        diff = (new - traj[begin + 1 : end + 1]).flatten(2).to(torch.float64).pow(2).mean(2)
-        err = diff.amax(1) / scale[begin + 1 : end + 1]  # [p]
+        err = (new - traj[begin + 1 : end + 1]).flatten(2).to(torch.float64).pow(2).mean(2)
+        above = (err > threshold[begin + 1 : end + 1, None]).any(1)  # [p]
         traj[begin + 1 : end + 1] = new
         iterations += 1
         nfe += size
-        above = torch.nonzero(err > tolerance**2)
-        stride = int(above[0]) + 1 if above.numel() else size
-        new_begin = begin + stride
-        new_end = min(new_begin + window, n_steps)
-        if new_end > end:  # steps entering the window start from the last computed point
-            traj[end + 1 : new_end + 1] = traj[end]
-        begin = new_begin
+        # Slide to the first point above tolerance (it was computed from converged points).
+        first = torch.nonzero(above)
+        begin_next = begin + (int(first[0]) + 1 if first.numel() else size)
+        end_next = min(begin_next + window, n_steps)
+        if end_next > end:  # steps entering the window start from the last computed point
+            traj[end + 1 : end_next + 1] = traj[end]
+        begin = begin_next
     return ParallelSampleResult(traj[-1], iterations, nfe, begin >= n_steps)
