@@ -36,15 +36,6 @@ IDS = ["ddpm", "vp", "edm"]
 RMSE_TOL = 0.3  # Monte Carlo tolerance of the 256-point logits (measured 0.13-0.20; spread ~4)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensors: one thread is faster than two contending ones (and leaves the second
-    core to the rest of the suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def mixture(scale: float = 1.0) -> GaussianMixture:
     means = torch.tensor([[-2.0, 0.5], [1.5, -1.0], [0.5, 2.5]], dtype=torch.float64)

@@ -36,14 +36,6 @@ WRONG = GaussianMixture.isotropic(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class OptimalDiscriminator:
     """The Bayes-optimal real (data) vs fake (model) logit on the VP SDE: log p_t - log q_t of

@@ -27,15 +27,6 @@ POINTS = (8, 64, 512)  # integration points per estimate
 GAUSS_C, MIX_C, MIX_NO_CV_C = 7.0, 11.0, 40.0
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensors: one thread is faster than two contending ones (and leaves the second
-    core to the rest of the suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def correlated_gaussian() -> GaussianMixture:
     a = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.6, 0.0], [0.2, -0.5, 0.4]], dtype=torch.float64)

@@ -19,16 +19,6 @@ from noisecls.samplers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensors: one thread is faster than two contending ones (and leaves the second
-    core to the rest of the suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mixture() -> GaussianMixture:
     means = torch.tensor([[-2.0, 0.5], [1.5, -1.0], [0.5, 2.5]], dtype=torch.float64)
     return GaussianMixture.isotropic([0.3, 0.5, 0.2], means, torch.tensor([0.4, 0.8, 0.3]))
