@@ -296,8 +296,9 @@ class CDMDenoiser(nn.Module):
 
     def _alpha_bar_at(self, level: Tensor) -> Tensor:
         """alpha_bar at float levels [B] in [0, T + 1] (0 at T + 1; schedule lookup below)."""
-        inside = level.clamp(max=self.num_levels)
+        inside = level.clamp(1, self.num_levels)
         abar = self.schedule.alpha(inside) ** 2
+        abar = torch.where(level <= 0, torch.ones_like(abar), abar)
         return torch.where(level > self.num_levels, torch.zeros_like(abar), abar)
 
     def level_from_sigma(self, sigma: Tensor) -> Tensor:

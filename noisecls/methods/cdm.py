@@ -50,10 +50,12 @@ class CDM(DiffusionModule):
     """Classification diffusion model: noise-level classifier, gradient denoiser, one-pass NLL.
 
     Training (Algorithm 1): t ~ U{0..T+1}, x_t = sqrt(abar_t)·x0 + sqrt(1 - abar_t)·eps,
-    loss = ce_weight·CE(f(x_t), t) + mse_weight·||eps_hat(x_t, t) - eps||² (mean over elements),
-    eps_hat from eq. (8) with a double backward. Levels 0 and T + 1 get CE only by construction
-    (eps_hat is 0 resp. x_t = eps there). ce_weight = 0 or mse_weight = 0 give the paper's
-    ablation rows (Table 1).
+    loss = ce_weight·CE(f(x_t), t) + mse_weight·MSE, eps_hat from eq. (8) with a double
+    backward. Levels 0 and T + 1 get CE only by construction: there eps_hat is 0 resp.
+    exactly x_t = eps, so their squared errors carry no gradient and are left out of the MSE,
+    MSE = sum over the batch's samples at levels 1..T of mean_elements (eps_hat - eps)², / B.
+    (The official code averages over all B samples, adding a constant ~1 per level-0 sample:
+    the same gradient.) ce_weight = 0 or mse_weight = 0 give the paper's ablation rows.
 
     Args:
         net: the classifier backbone, called as net(x, None, class_labels) -> [B, T + 2]
@@ -122,8 +124,10 @@ class CDM(DiffusionModule):
         return labels if self.class_conditional else None
 
     def denoiser(self) -> Denoiser:
-        """The gradient denoiser; guided (CFG with ``guidance_weight``) when class-conditional."""
-        if self.class_conditional:
+        """The gradient denoiser; with classifier-free guidance (``guidance_weight`` w != 0,
+        which needs class_labels) when class-conditional. Without labels the conditional
+        model's denoiser is the unconditional one (the null label)."""
+        if self.class_conditional and self.guidance_weight != 0:
             return GuidedDenoiser(self.model, self.guidance_weight, null_label=self.num_classes)
         return self.model
 
@@ -138,17 +142,20 @@ class CDM(DiffusionModule):
     def training_loss(
         self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        n = x0.shape[0]
-        level = torch.randint(
-            0, self.model.num_levels + 2, (n,), generator=generator, device=x0.device
-        )
+        n, num_levels = x0.shape[0], self.model.num_levels
+        level = torch.randint(0, num_levels + 2, (n,), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.model.add_noise(x0, level, eps)
         labels = self.drop_labels(labels, generator)
         extras: dict[str, Tensor] = {}
         if self.mse_weight > 0:
-            eps_hat, logits = self.model.predict_eps(x_t, level, labels, create_graph=True)
-            extras["mse"] = torch.mean((eps_hat - eps) ** 2)
+            # The graph through the input gradient is only needed to train (not to evaluate).
+            eps_hat, logits = self.model.predict_eps(
+                x_t, level, labels, create_graph=self.training and torch.is_grad_enabled()
+            )
+            per_sample = (eps_hat - eps).pow(2).reshape(n, -1).mean(dim=1)
+            noisy = (level >= 1) & (level <= num_levels)
+            extras["mse"] = torch.where(noisy, per_sample, 0.0).sum() / n
         else:
             logits = self.model.logits(x_t, labels)
         extras["ce"] = F.cross_entropy(logits.float(), level)
