@@ -36,7 +36,6 @@ IDS = ["ddpm", "vp", "edm"]
 RMSE_TOL = 0.3  # Monte Carlo tolerance of the 256-point logits (measured 0.13-0.20; spread ~4)
 
 
-
 def mixture(scale: float = 1.0) -> GaussianMixture:
     means = torch.tensor([[-2.0, 0.5], [1.5, -1.0], [0.5, 2.5]], dtype=torch.float64)
     return GaussianMixture.isotropic([0.3, 0.5, 0.2], means, scale * torch.tensor([0.4, 0.8, 0.3]))

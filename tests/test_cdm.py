@@ -28,7 +28,6 @@ from noisecls.samplers import SamplerConfig, sample_ddpm
 T = 1000
 
 
-
 def mixture() -> GaussianMixture:
     """Three anisotropic, correlated components in 2-D (float64)."""
     weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)

@@ -36,7 +36,6 @@ WRONG = GaussianMixture.isotropic(
 )
 
 
-
 class OptimalDiscriminator:
     """The Bayes-optimal real (data) vs fake (model) logit on the VP SDE: log p_t - log q_t of
     the noised mixtures at x_vp, alpha(tau), sigma(tau)."""

@@ -27,7 +27,6 @@ POINTS = (8, 64, 512)  # integration points per estimate
 GAUSS_C, MIX_C, MIX_NO_CV_C = 7.0, 11.0, 40.0
 
 
-
 def correlated_gaussian() -> GaussianMixture:
     a = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.6, 0.0], [0.2, -0.5, 0.4]], dtype=torch.float64)
     cov = a @ a.T + 0.05 * torch.eye(3, dtype=torch.float64)
