@@ -23,6 +23,10 @@ V_k diag(a² m_k + s² ) V_kᵀ. Inputs are processed in chunks (N up to ~1e5 wi
 results come back in the input's dtype and device, and all operations are differentiable in x.
 
 ``mmd_rbf`` is the kernel two-sample statistic used to compare generated samples with a mixture.
+
+``DCTGaussian`` is Soft Diffusion's oracle: Gaussian data whose covariance is diagonal in the
+orthonormal DCT basis, corrupted by a DCT-domain blur plus noise, where every quantity is
+per-frequency and closed-form (``log_prob``, ``score``, ``posterior_mean``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from noisecls.process.blur import dct, idct, spatial_ndim
+
 __all__ = [
+    "DCTGaussian",
     "GaussianMixture",
     "GaussianMixtureDenoiser",
     "mmd_rbf",
@@ -625,3 +632,114 @@ def mmd_rbf(
     kyy = (kernel_sum(y, y) - m * n_bw) / (m * (m - 1))
     kxy = kernel_sum(x, y) / (n * m)
     return kxx + kyy - 2 * kxy
+
+
+class DCTGaussian:
+    """Gaussian data N(Mᵀ m, Mᵀ diag(v) M), diagonal in the orthonormal DCT basis M, under a
+    DCT-domain blur plus noise x_t = C x0 + s·eta with C = Mᵀ diag(c) M (Soft Diffusion).
+
+    Per frequency f the corrupted marginal is N(c_f m_f, c_f² v_f + s²), independent across f
+    (X = M x; M is orthonormal, so densities need no Jacobian):
+
+    * log q(x) = sum_f log N(X_f; c_f m_f, c_f² v_f + s²)              (``log_prob``)
+    * grad log q(x) = Mᵀ [-(X - c m) / (c² v + s²)]                    (``score``)
+    * E[x0 | x_t = x] = Mᵀ [m + c v (X - c m) / (c² v + s²)]            (``posterior_mean``)
+
+    so C E[x0 | x_t] = x_t + s² grad log q_t(x_t) (Tweedie for C x0 in Gaussian noise).
+
+    Args:
+        mean: DCT coefficients m of the data mean, [*shape] (shape (C, H, W) for images, (L,) or
+            (C, L) for signals; the DCT acts on the trailing spatial axes as in
+            ``noisecls.process.blur``).
+        variance: per-frequency variances v > 0, [*shape].
+
+    Gains c are broadcastable to [N, *shape] (e.g. ``BlurNoiseProcess.gains(t, shape)``), s is a
+    float or [N]. Computation is float64; results come back in x's dtype and device.
+    """
+
+    def __init__(self, mean: Tensor, variance: Tensor) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float64)
+        variance = torch.as_tensor(variance, dtype=torch.float64)
+        if mean.shape != variance.shape or mean.ndim not in (1, 2, 3):
+            raise ValueError(
+                f"mean and variance must share a shape (L,), (C, L) or (C, H, W), got "
+                f"{tuple(mean.shape)} and {tuple(variance.shape)}"
+            )
+        if not bool((variance > 0).all()):
+            raise ValueError("variances must be positive")
+        self.mean, self.variance = mean, variance
+        self.shape = tuple(mean.shape)
+        self.ndim = spatial_ndim(mean[None])
+
+    def _coeffs(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"x must have shape [N, *{self.shape}], got {tuple(x.shape)}")
+        return dct(x.to(torch.float64), self.ndim)
+
+    def _moments(self, gains: Tensor | float, s: ScaleLike, n: int) -> tuple[Tensor, Tensor]:
+        """(c [N or 1, *shape], c² v + s² [N, *shape]) in float64."""
+        c = torch.as_tensor(gains, dtype=torch.float64)
+        c = c.expand(self.shape)[None] if c.ndim <= len(self.shape) else c
+        s_t = torch.as_tensor(s, dtype=torch.float64).reshape(-1, *[1] * len(self.shape))
+        if not bool((s_t >= 0).all()):
+            raise ValueError("the noise std s must be nonnegative")
+        var = c**2 * self.variance + s_t**2
+        return c, var.expand(n, *self.shape) if var.shape[0] == 1 else var
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n clean samples x0, float64 [n, *shape]."""
+        z = torch.randn(n, *self.shape, dtype=torch.float64, generator=generator)
+        return idct(self.mean + self.variance.sqrt() * z, self.ndim)
+
+    def sample_corrupted(
+        self, n: int, gains: Tensor | float, s: ScaleLike, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """n draws of x_t = C x0 + s·eta directly from the marginal, float64 [n, *shape]."""
+        c, var = self._moments(gains, s, n)
+        z = torch.randn(n, *self.shape, dtype=torch.float64, generator=generator)
+        return idct(c * self.mean + var.sqrt() * z, self.ndim)
+
+    def marginal_variance(self, gains: Tensor | float, s: ScaleLike) -> Tensor:
+        """Per-frequency variance c² v + s² of x_t, float64 [N or 1, *shape]."""
+        return self._moments(gains, s, 1)[1]
+
+    def log_prob(self, x: Tensor, gains: Tensor | float, s: ScaleLike) -> Tensor:
+        """log q_t(x) for x [N, *shape], [N]."""
+        X = self._coeffs(x)
+        c, var = self._moments(gains, s, X.shape[0])
+        z2 = (X - c * self.mean) ** 2 / var
+        out = -0.5 * (_LOG_2PI + var.log() + z2).flatten(1).sum(1)
+        return out.to(device=x.device, dtype=x.dtype)
+
+    def score(self, x: Tensor, gains: Tensor | float, s: ScaleLike) -> Tensor:
+        """grad_x log q_t(x) for x [N, *shape], same shape."""
+        X = self._coeffs(x)
+        c, var = self._moments(gains, s, X.shape[0])
+        return idct(-(X - c * self.mean) / var, self.ndim).to(device=x.device, dtype=x.dtype)
+
+    def posterior_mean(self, x: Tensor, gains: Tensor | float, s: ScaleLike) -> Tensor:
+        """E[x0 | x_t = x] for x [N, *shape], same shape (the optimal Soft Diffusion predictor)."""
+        X = self._coeffs(x)
+        c, var = self._moments(gains, s, X.shape[0])
+        gain = c * self.variance / var
+        out = idct(self.mean + gain * (X - c * self.mean), self.ndim)
+        return out.to(device=x.device, dtype=x.dtype)
+
+    def basis(self) -> Tensor:
+        """The orthonormal DCT as a matrix M [D, D] on flattened samples: M x = dct(x)."""
+        d = math.prod(self.shape)
+        eye = torch.eye(d, dtype=torch.float64).reshape(d, *self.shape)
+        return dct(eye, self.ndim).reshape(d, d).T
+
+    def operator(self, gains: Tensor) -> Tensor:
+        """The blur C = Mᵀ diag(c) M as a matrix [D, D] for one set of gains (shape broadcastable
+        to ``shape``), for comparisons with :class:`GaussianMixture` and its ``C`` argument."""
+        m = self.basis()
+        c = torch.as_tensor(gains, dtype=torch.float64).expand(self.shape).reshape(-1)
+        return m.T @ (c[:, None] * m)
+
+    def to_mixture(self) -> GaussianMixture:
+        """The same distribution as a one-component :class:`GaussianMixture` on flattened x."""
+        m = self.basis()
+        cov = m.T @ (self.variance.reshape(-1, 1) * m)
+        return GaussianMixture.gaussian(m.T @ self.mean.reshape(-1), 0.5 * (cov + cov.T))
