@@ -17,7 +17,12 @@ import torch
 from torch import Tensor
 
 from noisecls.callbacks.samples import SampleWriter
-from noisecls.data.fake import RealFakeDataModule, load_fake_samples, split_targets
+from noisecls.data.fake import (
+    RealFakeDataModule,
+    load_fake_samples,
+    split_targets,
+    target_indices,
+)
 from noisecls.data.toy import ToyDataModule
 from noisecls.denoisers import DiscriminatorGuidedDenoiser
 from noisecls.errors import NoiseclsError
@@ -264,9 +269,13 @@ def test_real_fake_datamodule_pairs_real_and_fake(tmp_path: Path) -> None:
     assert len(dm.train_set) == 4000 + 400 and len(dm.val_set) == 1000 + 50
     x, y = next(iter(dm.val_dataloader()))
     is_real, _ = split_targets(y)
-    assert x.shape == (100, 2) and y.shape == (100, 2) and bool((is_real == 1).all())
+    assert x.shape == (100, 2) and y.shape == (100, 3) and bool((is_real == 1).all())
     reals = torch.cat([split_targets(b[1])[0] for b in dm.test_dataloader()])
     assert int((reals == 0).sum()) == 50 and int((reals == 1).sum()) == 1000
+    # column 2 indexes the split: real examples first, then fake, each index once
+    ys = torch.cat([b[1] for b in dm.val_dataloader()])
+    assert sorted(target_indices(ys).tolist()) == list(range(1050))
+    assert bool((target_indices(ys)[ys[:, 0] == 0] >= 1000).all())
     with pytest.raises(NoiseclsError, match="no samples"):
         RealFakeDataModule(toy_data(), str(tmp_path / "none"), batch_size=100).setup("fit")
 

@@ -1,9 +1,11 @@
 """Real vs fake data for Discriminator Guidance: any noisecls DataModule paired with the
 ``.npz`` sample shards that ``noisecls predict`` (SampleWriter) wrote.
 
-Batches are ``(x, y)`` with x as in the real DataModule and y int64 [B, 2]: column 0 is the
+Batches are ``(x, y)`` with x as in the real DataModule and y int64 [B, 3]: column 0 is the
 target (real = 1, fake = 0), column 1 the class label (the real data's label, the fake sample's
-generation label, or 0 when there is none); :func:`split_targets` separates them.
+generation label, or 0 when there is none), column 2 the example's index in its split (what a
+per-example cache, e.g. DG's precomputed features, is keyed by); :func:`split_targets` and
+:func:`target_indices` separate them.
 """
 
 from __future__ import annotations
@@ -25,17 +27,33 @@ from noisecls.data.base import (
 )
 from noisecls.errors import NoiseclsError
 
-__all__ = ["RealFakeDataModule", "TargetDataset", "load_fake_samples", "split_targets"]
+__all__ = [
+    "RealFakeDataModule",
+    "TargetDataset",
+    "load_fake_samples",
+    "split_targets",
+    "target_indices",
+]
+
+
+def _check_targets(y: Tensor) -> None:
+    if y.ndim != 2 or y.shape[1] != 3:
+        raise NoiseclsError(
+            f"DG batches need targets y of shape [B, 3] (real/fake, class, index), got "
+            f"{list(y.shape)}: use noisecls.data.fake.RealFakeDataModule as the data"
+        )
 
 
 def split_targets(y: Tensor) -> tuple[Tensor, Tensor]:
-    """(is_real [B] float32 in {0, 1}, class labels [B] int64) from y [B, 2]."""
-    if y.ndim != 2 or y.shape[1] != 2:
-        raise NoiseclsError(
-            f"DG batches need targets y of shape [B, 2] (real/fake, class), got {list(y.shape)}: "
-            "use noisecls.data.fake.RealFakeDataModule as the data"
-        )
+    """(is_real [B] float32 in {0, 1}, class labels [B] int64) from y [B, 3]."""
+    _check_targets(y)
     return y[:, 0].float(), y[:, 1].long()
+
+
+def target_indices(y: Tensor) -> Tensor:
+    """The examples' indices [B] int64 in their split (real first, then fake) from y [B, 3]."""
+    _check_targets(y)
+    return y[:, 2].long()
 
 
 def load_fake_samples(directories: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -64,22 +82,21 @@ def load_fake_samples(directories: Sequence[str]) -> tuple[Tensor, Tensor]:
 
 
 class TargetDataset(Dataset):
-    """Wraps an (x, label) dataset as (x, [is_real, label]) with a fixed ``is_real``."""
+    """Wraps an (x, label) dataset as (x, [is_real, label, offset + index]) with a fixed
+    ``is_real``; ``offset`` places it in a concatenation of several such datasets."""
 
-    def __init__(self, dataset: Dataset, is_real: int) -> None:
+    def __init__(self, dataset: Dataset, is_real: int, offset: int = 0) -> None:
         self.dataset = dataset
         self.is_real = is_real
+        self.offset = offset
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def _targets(self, label: Tensor) -> Tensor:
-        label = torch.as_tensor(label, dtype=torch.int64)
-        return torch.stack([torch.full_like(label, self.is_real), label], dim=-1)
-
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         x, label = self.dataset[index]
-        return x, self._targets(label)
+        targets = [self.is_real, int(label), self.offset + index]
+        return x, torch.tensor(targets, dtype=torch.int64)
 
 
 class RealFakeDataModule(NoiseclsDataModule):
@@ -147,10 +164,10 @@ class RealFakeDataModule(NoiseclsDataModule):
             for name, idx in (("train", train), ("val", val), ("test", test))
         }
         for split in ("train", "val", "test"):
-            parts: list[Dataset] = [TargetDataset(self.fake_sets[split], 0)]
             real_part = getattr(self.real, f"{split}_set", None)
-            if real_part is not None:
-                parts.insert(0, TargetDataset(real_part, 1))
+            parts: list[Dataset] = [] if real_part is None else [TargetDataset(real_part, 1)]
+            offset = len(real_part) if real_part is not None else 0
+            parts.append(TargetDataset(self.fake_sets[split], 0, offset))
             setattr(self, f"{split}_set", ConcatDataset(parts))
 
     def reference_dataset(self) -> Dataset:
