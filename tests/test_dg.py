@@ -313,6 +313,53 @@ def test_trained_discriminator_reduces_sample_mmd(tmp_path: Path) -> None:
     assert mmd_guided < 0.6 * mmd_plain, (mmd_guided, mmd_plain)
 
 
+class SignVerdict(torch.nn.Module):
+    """A discriminator net judging samples with a negative first coordinate fake (logit -1) and
+    the others real (+1), with zero input gradient: it drives boosting, never the correction."""
+
+    def forward(self, x: Tensor, noise_in: Tensor, labels: Tensor | None = None) -> Tensor:
+        return torch.where(x[:, 0] < 0, -1.0, 1.0).to(x) + 0 * x.sum(dim=1)
+
+
+def test_heun_per_sample_churn_equals_scalar_churn() -> None:
+    x = 80 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sig = karras_sigmas(10, 0.002, 80.0)
+    window = {"s_tmin": 0.05, "s_tmax": 10.0}
+    scalar = sample_heun(WRONG.denoiser(), x.clone(), sig, s_churn=4.0,
+                         generator=torch.Generator().manual_seed(1), **window)  # fmt: skip
+    vector = sample_heun(
+        WRONG.denoiser(), x.clone(), sig, generator=torch.Generator().manual_seed(1),
+        churn_override=lambda i: torch.full((64,), 4.0, dtype=torch.float64), **window,
+    )  # fmt: skip
+    torch.testing.assert_close(vector, scalar, rtol=0, atol=1e-12)
+    assert (scalar - sample_heun(WRONG.denoiser(), x.clone(), sig)).abs().max() > 1e-3
+
+
+def test_churn_boosting_renoises_only_samples_judged_fake() -> None:
+    """Official EDM-G++ boosting: at every 5th Heun step, samples judged fake at the previous
+    step get churn 4; the others follow exactly the unboosted trajectory."""
+    dg = DG(SignVerdict(), score_model=OracleModule(WRONG),
+            guidance=GuidanceConfig(weight=1.0, boost_churn=4.0, boost_churn_period=5))  # fmt: skip
+    x = 80 * torch.randn(200, 2, generator=torch.Generator().manual_seed(2))
+    sig = karras_sigmas(18, 0.002, 80.0)
+    config = SamplerConfig("heun", 18)
+    boosted, nfe = dg.run_sampler(
+        config, x.clone(), sig, generator=torch.Generator().manual_seed(3)
+    )
+    # the unboosted trajectory and the verdicts that boosting sees (x entering steps 4, 9, 14)
+    states: dict[int, Tensor] = {}
+    plain = sample_heun(dg.guided_denoiser(1.0), x.clone(), sig,
+                        corrector=dg.guided_denoiser(0.0, boost=False),
+                        callback=lambda info: states.__setitem__(info["i"], info["x"]))  # fmt: skip
+    judged_fake = torch.stack([states[i][:, 0] < 0 for i in (3, 8, 13)]).any(dim=0)
+    assert nfe == 35 and 0 < int(judged_fake.sum()) < 200
+    torch.testing.assert_close(boosted[~judged_fake], plain[~judged_fake], rtol=0, atol=0)
+    assert bool(((boosted - plain).abs().amax(dim=1)[judged_fake] > 1e-4).all())
+    dg.guidance = GuidanceConfig(boost_churn=4.0)
+    with pytest.raises(NoiseclsError, match="boost_churn needs"):
+        dg.run_sampler(SamplerConfig("euler", 5), x.clone(), sig)
+
+
 def test_dg_module_loads_score_model_checkpoint_and_uses_heun_weights(tmp_path: Path) -> None:
     """score_checkpoint loads weights into the configured model; Heun's corrector stage uses
     second_order_weight (a non-zero value works), other samplers the first-order weight."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from argparse import ArgumentError
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,9 +190,14 @@ class GuidanceConfig:
         second_order_weight: w of Heun's second-order (corrector) stage; 0.
         time_min, time_max: diffusion-time window [0.01, 1.0] where the correction applies.
         prob_clip: discriminator output clipped to [c, 1 - c] (1e-5).
-        boost_factor: adaptive boosting: multiply the correction of samples judged fake by this
-            factor every ``boost_period``-th step (1: off; the paper's value is 2).
-        boost_period: see ``boost_factor`` (2).
+        boost_factor, boost_period: adaptive boosting of the guidance weight (the paper's
+            appendix): every ``boost_period``-th step the correction of samples the
+            discriminator judges fake (logit < 0) is multiplied by ``boost_factor`` (1: off; the
+            official values are 2 and 2). Counted per first-order evaluation, so not with
+            dpm_solver_2 (two evaluations per step).
+        boost_churn, boost_churn_period: adaptive boosting of stochasticity (Heun only): every
+            ``boost_churn_period``-th step, samples judged fake at the previous step get EDM
+            churn s_churn = ``boost_churn`` (0: off; the official values are 4 and 5).
     """
 
     weight: float = 2.0
@@ -202,10 +207,36 @@ class GuidanceConfig:
     prob_clip: float = 1e-5
     boost_factor: float = 1.0
     boost_period: int = 2
+    boost_churn: float = 0.0
+    boost_churn_period: int = 5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.time_min <= self.time_max <= 1.0:
             raise ValueError("guidance needs 0 <= time_min <= time_max <= 1")
+        if self.boost_churn < 0 or self.boost_churn_period < 1:
+            raise ValueError("guidance needs boost_churn >= 0 and boost_churn_period >= 1")
+
+    def boosts_weight(self) -> bool:
+        return self.boost_factor != 1.0
+
+    def boosts_churn(self) -> bool:
+        return self.boost_churn > 0
+
+
+def boosted_churn(
+    predictor: DiscriminatorGuidedDenoiser, churn: float, period: int
+) -> Callable[[int], Tensor | None]:
+    """Heun's ``churn_override`` for DG's stochastic boosting: at steps i with i % period == 0,
+    s_churn [B] = ``churn`` for samples whose last first-order log(d/(1 - d)) was negative (judged
+    fake), 0 for the others; None (the configured churn) at other steps or before any verdict."""
+
+    def override(i: int) -> Tensor | None:
+        verdict = predictor.last_log_ratio
+        if i % period != 0 or verdict is None:
+            return None
+        return torch.where(verdict < 0, churn, 0.0).to(torch.float64)
+
+    return override
 
 
 # ------------------------------------------------------------------------------------ module
@@ -298,13 +329,14 @@ class DG(DiffusionModule):
             return score_labels
         return labels
 
-    def guided_denoiser(self, weight: float) -> DiscriminatorGuidedDenoiser:
-        """The score model's denoiser corrected by the discriminator with weight w."""
+    def guided_denoiser(self, weight: float, boost: bool = True) -> DiscriminatorGuidedDenoiser:
+        """The score model's denoiser corrected by the discriminator with weight w (with the
+        configured weight boosting unless ``boost`` is False)."""
         g = self.guidance
         return DiscriminatorGuidedDenoiser(
             self.score_model.denoiser(), self.discriminator, self.vp_schedule, weight=weight,
             time_min=g.time_min, time_max=g.time_max, prob_clip=g.prob_clip,
-            boost_factor=g.boost_factor, boost_period=g.boost_period,
+            boost_factor=g.boost_factor if boost else 1.0, boost_period=g.boost_period,
         )  # fmt: skip
 
     def denoiser(self) -> DiscriminatorGuidedDenoiser:
@@ -320,18 +352,31 @@ class DG(DiffusionModule):
         generator: torch.Generator | None = None,
         cond: dict | None = None,
     ) -> tuple[Tensor, int]:
-        """Heun (not parallel) runs its corrector stage with ``second_order_weight``; every other
-        sampler uses the first-order weight throughout. NFE counts score-network calls."""
-        first = self.denoiser()
+        """Heun (not parallel) runs its corrector stage with ``second_order_weight`` and no
+        boosting, and applies churn boosting; every other sampler uses the first-order weight
+        throughout. NFE counts score-network calls."""
         g = self.guidance
-        if config.name != "heun" or config.parallel or g.second_order_weight == g.weight:
+        heun = config.name == "heun" and not config.parallel
+        if g.boosts_churn() and not heun:
+            raise NoiseclsError(
+                "guidance.boost_churn needs the (sequential) heun sampler; set sampler.name: "
+                "heun or guidance.boost_churn: 0"
+            )
+        if g.boosts_weight() and config.name == "dpm_solver_2":
+            raise NoiseclsError(
+                "guidance.boost_factor counts one evaluation per step, dpm_solver_2 makes two; "
+                "use heun / euler / ddim / ddpm or guidance.boost_factor: 1"
+            )
+        first = self.denoiser()
+        if not heun:
             return run_sampler(config, first, x, sigmas, generator=generator, cond=cond)
         predictor = CountingDenoiser(first)
-        corrector = CountingDenoiser(self.guided_denoiser(g.second_order_weight))
+        corrector = CountingDenoiser(self.guided_denoiser(g.second_order_weight, boost=False))
+        churn = boosted_churn(first, g.boost_churn, g.boost_churn_period)
         out = sample_heun(
             predictor, x, sigmas, s_churn=config.s_churn, s_tmin=config.s_tmin,
             s_tmax=config.s_tmax, s_noise=config.s_noise, corrector=corrector,
-            generator=generator, cond=cond,
+            churn_override=churn if g.boosts_churn() else None, generator=generator, cond=cond,
         )  # fmt: skip
         return out, predictor.nfe + corrector.nfe
 

@@ -22,10 +22,23 @@ from noisecls.denoisers import Denoiser
 StepCallback = Callable[[dict[str, Any]], None]
 
 
-def call_denoiser(denoiser: Denoiser, x: Tensor, sigma: float, cond: dict | None) -> Tensor:
-    """D(x, sigma·1_B, **cond) for a scalar sigma."""
-    sigma_batch = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float64)
+def call_denoiser(
+    denoiser: Denoiser, x: Tensor, sigma: float | Tensor, cond: dict | None
+) -> Tensor:
+    """D(x, sigma·1_B, **cond) for a scalar sigma, or D(x, sigma, **cond) for per-sample
+    sigmas [B]."""
+    if isinstance(sigma, Tensor):
+        sigma_batch = sigma.to(device=x.device, dtype=torch.float64)
+    else:
+        sigma_batch = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float64)
     return denoiser(x, sigma_batch, **(cond or {}))
+
+
+def per_sample(value: float | Tensor, x: Tensor) -> float | Tensor:
+    """A scalar as is; per-sample values [B] shaped [B, 1, ...] in x's dtype, to scale x."""
+    if isinstance(value, Tensor):
+        return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return value
 
 
 def standard_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -112,6 +125,7 @@ def sample_heun(
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
+    churn_override: Callable[[int], Tensor | None] | None = None,
     corrector: Denoiser | None = None,
     generator: torch.Generator | None = None,
     cond: dict | None = None,
@@ -122,21 +136,35 @@ def sample_heun(
     With s_churn = 0 it is the deterministic ODE sampler (Algorithm 1): NFE = 2N - 1 for N steps
     ending at sigma = 0. ``corrector`` (default: ``denoiser``) evaluates the second-order stage,
     so a wrapper can act differently there (Discriminator Guidance weights its stages apart).
+    ``churn_override(i)`` may return per-sample s_churn values [B] for step i (None: the scalar
+    ``s_churn``); each sample then has its own sigma_hat (DG's adaptive boosting).
     """
     values = _check_sigmas(sigmas)
     corrector = denoiser if corrector is None else corrector
     num_steps = len(values) - 1
+    max_gamma = math.sqrt(2) - 1
     for i, (s, s_next) in enumerate(pairwise(values)):
-        gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= s <= s_tmax else 0.0
+        in_range = s_tmin <= s <= s_tmax
+        churns = churn_override(i) if churn_override is not None else None
+        gamma: float | Tensor
+        if churns is None:
+            gamma = min(s_churn / num_steps, max_gamma) if in_range else 0.0
+        else:
+            gamma = (churns.to(torch.float64) / num_steps).clamp(max=max_gamma) * float(in_range)
         s_hat = s * (1 + gamma)
-        if gamma > 0:
-            x = x + math.sqrt(s_hat**2 - s**2) * s_noise * standard_noise(x, generator)
+        if bool(torch.as_tensor(gamma).gt(0).any()):
+            extra = (
+                torch.sqrt(s_hat**2 - s**2)
+                if isinstance(s_hat, Tensor)
+                else math.sqrt(s_hat**2 - s**2)
+            )
+            x = x + per_sample(extra * s_noise, x) * standard_noise(x, generator)
         denoised = call_denoiser(denoiser, x, s_hat, cond)
-        d = (x - denoised) / s_hat
-        x_next = x + (s_next - s_hat) * d
+        d = (x - denoised) / per_sample(s_hat, x)
+        x_next = x + per_sample(s_next - s_hat, x) * d
         if s_next > 0:
             d_next = (x_next - call_denoiser(corrector, x_next, s_next, cond)) / s_next
-            x_next = x + (s_next - s_hat) * 0.5 * (d + d_next)
+            x_next = x + per_sample(s_next - s_hat, x) * 0.5 * (d + d_next)
         x = x_next
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s_hat, "sigma_next": s_next, "denoised": denoised})
