@@ -10,7 +10,9 @@ All measured side by side in one run on the same score network, discriminator an
 Prints seconds per denoiser call (unguided / DG), their ratio, the NFE of a Heun run with and
 without DG (DG adds no score evaluations), then the split: seconds to generate ``--num-fake``
 samples and to train ``--train-steps`` discriminator steps, extrapolated to the paper's budget
-(``--paper-fake`` samples, ``--paper-steps`` steps) at this speed.
+(``--paper-fake`` samples, ``--paper-steps`` steps) at this speed. Last, a discriminator on a
+frozen feature extractor (the score network's encoder): a training step running the extractor
+live vs one reading precomputed features (``DG.feature_cache``), seconds and (CUDA) peak memory.
 """
 
 from __future__ import annotations
@@ -44,7 +46,56 @@ def build(args: argparse.Namespace, device: torch.device):
     )
     disc_net = UNet(size, 3, ch // 2, mult, 1, (size // 2,), dropout=0.0, head=ScalarHead())
     dg = DG(disc_net, score_model=score, guidance=GuidanceConfig(weight=2.0))
-    return score.to(device), dg.to(device)
+    mid = ch * mult[-1]  # the score U-Net's bottleneck channels
+    feature_net = UNet(size // 2 ** (len(mult) - 1), mid, ch // 2, (1,), 1, (), dropout=0.0,
+                       head=ScalarHead())  # fmt: skip
+    on_features = DG(feature_net, score_model=score, feature_model=score)
+    return score.to(device), dg.to(device), on_features.to(device)
+
+
+def feature_cache_steps(
+    dg, x: torch.Tensor, y: torch.Tensor, device: torch.device, repeats: int
+) -> tuple[float, float, int, int]:
+    """Seconds per discriminator training step with live / cached features, and (CUDA) the peak
+    memory in bytes of each."""
+    import tempfile
+
+    from torch.utils.data import TensorDataset
+
+    from noisecls.methods.dg_features import FeatureCacheBuilder, FeatureCacheConfig
+
+    opt = torch.optim.Adam(dg.discriminator.net.parameters(), lr=3e-4)
+    gen = torch.Generator(device=device).manual_seed(1)
+    index = torch.arange(x.shape[0], device=device)
+    targets = torch.stack([y.long().cpu(), torch.zeros_like(index.cpu()), index.cpu()], dim=1)
+    with tempfile.TemporaryDirectory() as root:
+        config = FeatureCacheConfig(draws=4, directory=root, chunk_size=16)
+        features = dg.discriminator.features
+        builder = FeatureCacheBuilder(features, features.state_dict(),
+                                      TensorDataset(x.cpu(), targets), dg.vp_schedule, dg.t_min,
+                                      config, 0, False, device)  # fmt: skip
+        dg.cached_features = builder.build(0, 1, lambda name: None)
+
+        def live() -> None:
+            opt.zero_grad()
+            dg.training_loss(x, None, gen, y)[0].backward()
+            opt.step()
+
+        def cached() -> None:
+            opt.zero_grad()
+            logits, _ = dg.cached_logits(index, None, gen)
+            dg.classification(logits, y)[0].backward()
+            opt.step()
+
+        out = []
+        for step in (live, cached):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = time_per_call(step, device, 2, repeats)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+            out.append((seconds, peak))
+        dg.cached_features = None
+    return out[0][0], out[1][0], out[0][1], out[1][1]
 
 
 def main() -> None:
@@ -65,7 +116,7 @@ def main() -> None:
         torch.set_num_threads(1)
     from noisecls.samplers import SamplerConfig
 
-    score, dg = build(args, device)
+    score, dg, on_features = build(args, device)
     shape = (args.batch, 3, args.image_size, args.image_size)
     x = torch.randn(shape, device=device)
     sigma = torch.full((args.batch,), 1.0, device=device, dtype=torch.float64)
@@ -107,6 +158,16 @@ def main() -> None:
         f"{'discriminator training, s/step':<36}{t_train:>14.4f}"
         f"{t_train * args.paper_steps:>22.0f} s"
     )
+
+    t_live, t_cached, m_live, m_cached = feature_cache_steps(
+        on_features, x, y, device, args.train_steps
+    )
+    print(f"\n{'discriminator on frozen features':<36}{'live':>12}{'cached':>12}{'ratio':>10}")
+    print(f"{'s/step':<36}{t_live:>12.4f}{t_cached:>12.4f}{t_live / t_cached:>10.2f}")
+    if device.type == "cuda":
+        mib = 2**20
+        print(f"{'peak memory, MiB':<36}{m_live / mib:>12.0f}{m_cached / mib:>12.0f}"
+              f"{m_live / max(m_cached, 1):>10.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from noisecls.data.fake import split_targets
+from noisecls.data.fake import split_targets, target_indices
 from noisecls.denoisers import (
     CountingDenoiser,
     DiscriminatorGuidedDenoiser,
@@ -28,6 +28,12 @@ from noisecls.denoisers import (
 )
 from noisecls.errors import NoiseclsError
 from noisecls.methods.base import DiffusionModule, PredictConfig, derive_seed
+from noisecls.methods.dg_features import (
+    FeatureCache,
+    FeatureCacheBuilder,
+    FeatureCacheConfig,
+    importance_sample_times,
+)
 from noisecls.process.schedules import LogSNRSchedule, broadcast_like
 from noisecls.samplers import SamplerConfig, run_sampler, sample_heun
 
@@ -86,28 +92,6 @@ def frozen_module(
         load_weights(module, checkpoint)
     module.requires_grad_(False)
     return module.eval()
-
-
-# ------------------------------------------------------------------------------------ time sampling
-def importance_sample_times(
-    schedule: LogSNRSchedule,
-    n: int,
-    t_min: float,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | None = None,
-) -> Tensor:
-    """Diffusion times t in [t_min, 1] with density proportional to beta(t) / (1 - exp(-B(t))),
-    float64 [n] (DG's importance sampling; the official code's ``get_diffusion_time``).
-
-    That density is d/dt log(exp(B(t)) - 1) = -d lambda / dt for the linear VP SDE's log-SNR
-    lambda(t) = -log(exp(B(t)) - 1), so inverse-CDF sampling draws lambda uniformly in
-    [lambda(1), lambda(t_min)] and maps it back to t.
-    """
-    ends = schedule.lambda_(torch.tensor([t_min, 1.0], dtype=torch.float64))
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-    lam = ends[0].to(u.device) + u * (ends[1] - ends[0]).to(u.device)
-    return schedule.t_from_lambda(lam).clamp(t_min, 1.0)
 
 
 # ------------------------------------------------------------------------------------ discriminator
@@ -170,12 +154,17 @@ class Discriminator(nn.Module):
     def forward(self, x_vp: Tensor, tau: Tensor, class_labels: Tensor | None = None) -> Tensor:
         labels = class_labels if self.class_conditional else None
         h = x_vp if self.features is None else self.features(x_vp, tau, labels)
-        noise_in = self.schedule.noise_input(tau).to(device=x_vp.device, dtype=x_vp.dtype)
+        return self.classify(h, tau, labels)
+
+    def classify(self, h: Tensor, tau: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """Logits [B] of the net on its input h (x_vp, or the extractor's features of it)."""
+        labels = class_labels if self.class_conditional else None
+        noise_in = self.schedule.noise_input(tau).to(device=h.device, dtype=h.dtype)
         logit = self.net(h, noise_in, labels)
-        if logit.shape != (x_vp.shape[0],):
+        if logit.shape != (h.shape[0],):
             raise NoiseclsError(
                 f"the discriminator net returned shape {list(logit.shape)}, expected "
-                f"[{x_vp.shape[0]}]: give it a ScalarHead (head: noisecls.nets.ScalarHead)"
+                f"[{h.shape[0]}]: give it a ScalarHead (head: noisecls.nets.ScalarHead)"
             )
         return logit
 
@@ -257,6 +246,9 @@ class DG(DiffusionModule):
             from the checkpoint when both are given) or only its ``noisecls fit`` checkpoint.
         feature_model / feature_checkpoint: optional frozen pretrained noise-conditional
             feature extractor (any network-backed model of this framework; its encoder).
+        feature_cache: precompute the extractor's features of the training split once (K noise
+            draws per example, on disk) and train on them (see
+            :mod:`noisecls.methods.dg_features`); validation still runs the extractor live.
         guidance: how sampling is corrected (see :class:`GuidanceConfig`).
         vp_schedule: the discriminator's VP SDE (default linear, beta 0.1 -> 20).
         t_min: smallest training time (1e-5).
@@ -275,6 +267,7 @@ class DG(DiffusionModule):
         score_checkpoint: str | None = None,
         feature_model: DiffusionModule | None = None,
         feature_checkpoint: str | None = None,
+        feature_cache: FeatureCacheConfig | None = None,
         guidance: GuidanceConfig | None = None,
         vp_schedule: LogSNRSchedule | None = None,
         t_min: float = 1e-5,
@@ -307,6 +300,13 @@ class DG(DiffusionModule):
         if feature_model is not None or feature_checkpoint is not None:
             extractor = frozen_module(feature_model, feature_checkpoint, "feature_model")
             features = NoisyFeatures(extractor.denoiser(), vp)  # type: ignore[arg-type]
+        if feature_cache is not None and features is None:
+            raise NoiseclsError(
+                "feature_cache caches the features of a frozen extractor: set feature_model / "
+                "feature_checkpoint too, or remove feature_cache"
+            )
+        self.feature_cache = feature_cache
+        self.cached_features: FeatureCache | None = None
         self.score_model = score
         self.discriminator = Discriminator(discriminator_net, vp, features, class_conditional)
         self.vp_schedule = vp
@@ -381,6 +381,39 @@ class DG(DiffusionModule):
         return out, predictor.nfe + corrector.nfe
 
     # ---- training ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Find or build the feature cache of the training split (collective under DDP)."""
+        if self.feature_cache is None:
+            return
+        datamodule = self.trainer.datamodule
+        dataset = getattr(datamodule, "train_set", None)
+        if dataset is None:
+            raise NoiseclsError(
+                "feature_cache needs the training data from a RealFakeDataModule (data: "
+                "noisecls.data.fake.RealFakeDataModule)"
+            )
+        features = self.discriminator.features
+        assert features is not None  # checked in __init__
+        builder = FeatureCacheBuilder(
+            features, features.state_dict(), dataset, self.vp_schedule, self.t_min,
+            self.feature_cache, self.seed, self.class_conditional, self.device,
+        )  # fmt: skip
+        strategy = self.trainer.strategy
+        self.cached_features = builder.build(
+            self.global_rank, self.trainer.world_size, lambda name: strategy.barrier(name)
+        )
+
+    def cached_logits(
+        self, index: Tensor, labels: Tensor | None, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Logits [B] and times [B] of one stored draw per example (``index`` [B] into the
+        training split), the draw chosen uniformly with ``generator``."""
+        cache = self.cached_features
+        assert cache is not None
+        draw = torch.randint(cache.draws, index.shape, generator=generator, device=self.device)
+        h, t = cache.lookup(index, draw, self.device)
+        return self.discriminator.classify(h, t, labels), t
+
     def discriminator_logits(
         self, x0: Tensor, t: Tensor, class_labels: Tensor | None, generator: torch.Generator
     ) -> Tensor:
@@ -390,10 +423,12 @@ class DG(DiffusionModule):
         sigma = broadcast_like(self.vp_schedule.sigma(t).to(x0.device), x0)
         return self.discriminator(alpha * x0 + sigma * eps, t, class_labels)
 
-    def bce(self, logits: Tensor, is_real: Tensor) -> Tensor:
-        """Per-sample BCE [B] of sigmoid(logits) clipped to [1e-5, 1 - 1e-5]."""
+    def classification(self, logits: Tensor, is_real: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean BCE of sigmoid(logits [B]) clipped to [1e-5, 1 - 1e-5] against ``is_real`` [B],
+        and the accuracy of the decision logit > 0."""
         d = torch.sigmoid(logits.float()).clamp(1e-5, 1 - 1e-5)
-        return F.binary_cross_entropy(d, is_real.to(d), reduction="none")
+        bce = F.binary_cross_entropy(d, is_real.to(d))
+        return bce, ((logits > 0).float() == is_real.float()).float().mean()
 
     def training_loss(
         self,
@@ -410,17 +445,21 @@ class DG(DiffusionModule):
             self.vp_schedule, x0.shape[0], self.t_min, generator=generator, device=x0.device
         )
         logits = self.discriminator_logits(x0, t, labels, generator)
-        accuracy = ((logits > 0).float() == is_real.float()).float().mean()
-        return self.bce(logits, is_real).mean(), {"acc": accuracy}
+        loss, accuracy = self.classification(logits, is_real)
+        return loss, {"acc": accuracy}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         is_real, labels = split_targets(y)
-        loss, extras = self.training_loss(
-            x, self.discriminator_labels(labels), self.step_generator(), is_real
-        )
+        labels = self.discriminator_labels(labels)
+        if self.cached_features is not None:
+            logits, _ = self.cached_logits(target_indices(y), labels, self.step_generator())
+            loss, accuracy = self.classification(logits, is_real)
+        else:
+            loss, extras = self.training_loss(x, labels, self.step_generator(), is_real)
+            accuracy = extras["acc"]
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("train/acc", extras["acc"], batch_size=x.shape[0])
+        self.log("train/acc", accuracy, batch_size=x.shape[0])
         return loss
 
     def discriminator_labels(self, labels: Tensor) -> Tensor | None:
@@ -441,10 +480,9 @@ class DG(DiffusionModule):
         for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
             u = torch.rand(n, generator=g, device=self.device, dtype=torch.float64)
             logits = self.discriminator_logits(x, lo + (hi - lo) * u, labels, g)
-            accuracy = ((logits > 0).float() == is_real.float()).float().mean()
+            bce, accuracy = self.classification(logits, is_real)
             name = f"t{lo:.2f}-{hi:.2f}"
-            self.log(f"{stage}/bce_{name}", self.bce(logits, is_real).mean(), sync_dist=True,
-                     batch_size=n)  # fmt: skip
+            self.log(f"{stage}/bce_{name}", bce, sync_dist=True, batch_size=n)
             self.log(f"{stage}/acc_{name}", accuracy, sync_dist=True, batch_size=n)
 
     def configure_optimizers(self):
