@@ -400,3 +400,31 @@ def test_npz_shards_hold_float_samples(tmp_path: Path) -> None:
     )
     with np.load(next(out.glob("samples_*.npz"))) as data:
         assert data["samples"].dtype == np.float32 and data["seeds"].tolist() == list(range(10))
+
+
+# ---------------------------------------------------------------------------------- configs
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize("name", ["dg_cifar10", "dg_cifar10_cond", "dg_ffhq64", "dg_toy",
+                                  "dg_digits"])  # fmt: skip
+def test_dg_configs_parse_with_the_paper_guidance(name: str, capsys) -> None:
+    import yaml
+
+    from noisecls.cli import NoiseclsCLI
+
+    path = str(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    args = ["fit", "--config", path, "--model.init_args.feature_cache.draws", "8",
+            "--print_config"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        NoiseclsCLI(DiffusionModule, L.LightningDataModule, subclass_mode_model=True,
+                    subclass_mode_data=True, args=args)  # fmt: skip
+    assert exit_info.value.code in (0, None)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["class_path"] == "noisecls.methods.dg.DG"
+    guidance = model["init_args"]["guidance"]
+    assert (guidance["time_min"], guidance["time_max"]) == (0.01, 1.0)
+    assert model["init_args"]["feature_cache"]["draws"] == 8
+    edm_heun_steps = {"dg_cifar10": 18, "dg_cifar10_cond": 18, "dg_ffhq64": 40}  # EDM's
+    if name in edm_heun_steps:  # EDM-G++ defaults on EDM's Heun grid
+        assert (guidance["weight"], guidance["second_order_weight"]) == (2.0, 0.0)
+        sampler = model["init_args"]["sampler"]
+        assert (sampler["name"], sampler["num_steps"]) == ("heun", edm_heun_steps[name])
