@@ -459,7 +459,7 @@ class GaussianMixture:
         return x.reshape(x.shape[0], d_out).to(device=self.device, dtype=torch.float64)
 
     def _per_sample(self, v: ScaleLike, n: int, name: str) -> Tensor:
-        t = torch.as_tensor(v).to(device=self.device, dtype=torch.float64)
+        t = torch.as_tensor(v, dtype=torch.float64, device=self.device)
         if t.numel() == 1:
             return t.reshape(1).expand(n)
         if t.numel() != n:
@@ -469,7 +469,7 @@ class GaussianMixture:
         return t.reshape(n)
 
     def _levels(self, v: Tensor | Sequence[float], name: str) -> Tensor:
-        t = torch.as_tensor(v).to(device=self.device, dtype=torch.float64).detach()
+        t = torch.as_tensor(v, dtype=torch.float64, device=self.device).detach()
         if t.ndim != 1 or t.shape[0] == 0:
             raise ValueError(f"{name} must have shape [L] with L >= 1, got {tuple(t.shape)}")
         return t

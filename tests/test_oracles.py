@@ -463,3 +463,17 @@ def test_call_errors() -> None:
         gm.log_density_ratio(random_mixture(2), x, 1.0, 0.5)
     with pytest.raises(ValueError, match="shapes"):
         mmd_rbf(torch.randn(5, 2), torch.randn(5, 3))
+
+
+def test_python_float_scales_keep_double_precision() -> None:
+    """A Python float scale (0.1 has no exact float32 form) is taken at float64, identical to
+    passing it as a float64 tensor: no silent rounding through float32."""
+    mixture = GaussianMixture.isotropic(
+        torch.tensor([0.3, 0.7]), torch.tensor([[-1.0, 0.5], [2.0, 0.0]]), torch.tensor(0.4)
+    )
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    as_float = mixture.noisy_log_prob(x, 1.0, 0.1)
+    as_double = mixture.noisy_log_prob(x, 1.0, torch.tensor(0.1, dtype=torch.float64))
+    torch.testing.assert_close(as_float, as_double, rtol=0, atol=0)
+    as_single = mixture.noisy_log_prob(x, 1.0, torch.tensor(0.1, dtype=torch.float32))
+    assert (as_single - as_double).abs().max() > 1e-9  # float32 rounding is visible
