@@ -428,3 +428,21 @@ def test_dg_configs_parse_with_the_paper_guidance(name: str, capsys) -> None:
         assert (guidance["weight"], guidance["second_order_weight"]) == (2.0, 0.0)
         sampler = model["init_args"]["sampler"]
         assert (sampler["name"], sampler["num_steps"]) == ("heun", edm_heun_steps[name])
+
+
+def test_predict_writes_as_many_samples_as_the_training_split(tmp_path: Path) -> None:
+    """``predict.num_samples: train`` (the paper's fake-set size) resolves to the attached
+    DataModule's training split; without data it is a one-line error."""
+    from noisecls.methods.base import PredictConfig
+
+    module = OracleModule(WRONG)
+    module.predict_config = PredictConfig(num_samples="train", batch_size=1000)
+    out = tmp_path / "fake"
+    trainer(tmp_path, callbacks=[SampleWriter(str(out), grid_size=0)]).predict(
+        module, datamodule=toy_data(), return_predictions=False
+    )
+    assert load_fake_samples([str(out)])[0].shape == (4000, 2)  # toy_data's n_train
+    with pytest.raises(NoiseclsError, match="num_samples: train needs the data"):
+        trainer(tmp_path).predict(module, return_predictions=False)
+    with pytest.raises(ValueError, match="num_samples >= 1"):
+        PredictConfig(num_samples="all")  # type: ignore[arg-type]

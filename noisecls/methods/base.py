@@ -29,18 +29,24 @@ class PredictConfig:
     """What ``noisecls predict`` generates: samples for seeds first_seed .. first_seed+num-1.
 
     Args:
-        num_samples: exactly how many samples to write (sharded across DDP ranks, no repeats).
+        num_samples: exactly how many samples to write (sharded across DDP ranks, no repeats);
+            ``train``: as many as the attached DataModule's training split (DG's fake set).
         first_seed: seed of the first sample; image i uses seed first_seed + i.
         batch_size: samples per sampler call (per rank).
     """
 
-    num_samples: int = 64
+    num_samples: int | Literal["train"] = 64
     first_seed: int = 0
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.batch_size < 1 or self.first_seed < 0:
-            raise ValueError("predict needs num_samples >= 1, batch_size >= 1, first_seed >= 0")
+        count_ok = self.num_samples == "train" or (
+            isinstance(self.num_samples, int) and self.num_samples >= 1
+        )
+        if not count_ok or self.batch_size < 1 or self.first_seed < 0:
+            raise ValueError(
+                "predict needs num_samples >= 1 (or 'train'), batch_size >= 1, first_seed >= 0"
+            )
 
 
 class SeedDataset(torch.utils.data.Dataset):
@@ -281,8 +287,23 @@ class DiffusionModule(L.LightningModule):
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         """Seeds to generate; under DDP Lightning shards them across ranks without repeats."""
         cfg = self.predict_config
-        dataset = SeedDataset(cfg.num_samples, cfg.first_seed)
+        dataset = SeedDataset(self.predict_sample_count(), cfg.first_seed)
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
+
+    def predict_sample_count(self) -> int:
+        """``predict.num_samples``, with ``train`` resolved to the size of the attached
+        DataModule's training split."""
+        count = self.predict_config.num_samples
+        if count != "train":
+            return int(count)
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None:
+            raise NoiseclsError(
+                "predict.num_samples: train needs the data set (give --data / a config with data)"
+            )
+        datamodule.setup("fit")
+        return len(datamodule.train_set)
 
     def run_sampler(
         self,
