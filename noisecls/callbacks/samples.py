@@ -5,9 +5,11 @@
   TensorBoard image, else a PNG in ``<log dir>/samples/``); 2-D data as a scatter plot instead.
 * :class:`SampleWriter`: a ``BasePredictionWriter`` writing each predict batch to
   ``output_dir/samples_{first_seed:08d}-{last_seed:08d}.npz`` (keys ``samples`` float32 in data
-  scale [B, *data_shape], ``seeds`` int64 [B], and for images ``images`` uint8 [B, H, W, C]),
-  atomically (temporary name + ``os.replace``), with a ``manifest.json`` identifying the run and a
-  PNG grid of the first samples at the end.
+  scale [B, *data_shape], ``seeds`` int64 [B], ``labels`` int64 [B] for class-conditional models,
+  and for images ``images`` uint8 [B, H, W, C]), optionally every image also as
+  ``output_dir/images/{seed:08d}.png``; atomically (temporary name + ``os.replace``), resumable,
+  sharded across DDP ranks, with a ``manifest.json`` identifying the run and a PNG grid of the
+  first samples at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from noisecls.callbacks.denoising import save_figure
 from noisecls.callbacks.features import state_dict_sha256, to_uint8_images
@@ -201,43 +204,91 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+class _RankBatches(DistributedSampler):
+    """One rank's share of a dataset read in batches of ``batch_size`` consecutive items: batch j
+    goes to rank j % num_replicas, whole (no repeats, no padding; a rank may get nothing).
+    A DistributedSampler, so Lightning keeps it instead of sharding item by item."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        starts = range(rank * batch_size, n, num_replicas * batch_size)
+        self.indices = [i for start in starts for i in range(start, min(start + batch_size, n))]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class SampleWriter(BasePredictionWriter):
     """Writes ``noisecls predict`` samples, one ``.npz`` per predict batch, resumably.
 
-    Each batch of seeds (``DiffusionModule.predict_step`` returns ``{"seeds", "samples", "nfe"}``)
-    becomes ``output_dir/samples_{first_seed:08d}-{last_seed:08d}.npz`` with ``samples`` (float32,
-    data scale, [B, *data_shape]), ``seeds`` (int64 [B]), for class-conditional models ``labels``
-    (int64 [B]) and, for image data, ``images`` (uint8 [B, H, W, C]). Files are written under a
-    temporary name and renamed (``os.replace``), so a file that exists is complete. Under DDP
-    Lightning shards the seeds without repeats (UnrepeatedDistributedSampler) and the seed-range
-    names keep ranks from colliding.
+    Each batch of seeds (``DiffusionModule.predict_step`` returns ``{"seeds", "samples", "nfe"}``
+    and ``labels`` for class-conditional models) becomes
+    ``output_dir/samples_{first_seed:08d}-{last_seed:08d}.npz`` with ``samples`` (float32, data
+    scale, [B, *data_shape]), ``seeds`` (int64 [B]), ``rank`` (int64 [], the global rank that
+    wrote it; information), for class-conditional models ``labels`` (int64 [B]) and, for image
+    data, ``images`` (uint8 [B, H, W, C], ``round((x + 1) * 127.5)`` of the clamped samples).
+    With ``image_folder=True`` every image is also written as ``output_dir/images/{seed:08d}.png``
+    (the same uint8 pixels; image data only) BEFORE the batch's ``.npz``: the shard is the
+    completion marker, so a PNG whose shard is missing belongs to an interrupted batch and is
+    rewritten on resume. Every file is written under a temporary name and renamed
+    (``os.replace``), so a file that exists is complete.
 
-    ``manifest.json`` identifies the run: model class, sampler config, data shape, schedule and the
-    SHA-256 of the model's weights (plus, for information, the checkpoint path). Writing into a
-    directory whose manifest describes another run (or that holds sample files but no manifest)
-    is refused with a one-line :class:`NoiseclsError`. For the same run, seeds that already lie in
-    a sample file are skipped: the predict dataloader is filtered before any sampling (resume
-    after an interruption), and an existing file is never overwritten.
+    ``manifest.json`` (written by rank 0 only) identifies the run: model class, sampler config,
+    data shape, schedule and the SHA-256 of the model's weights (plus, for information, the
+    checkpoint path). Writing into a directory whose manifest describes another run (or that
+    holds sample files but no manifest) is refused with a one-line :class:`NoiseclsError` (on
+    every rank: each one makes the same check). For the same run, seeds that already lie in a
+    sample file are skipped and an existing file is never overwritten: every rank filters the
+    predict dataloader's seeds by the shards present, then all ranks meet at a barrier before
+    any sampling (no rank reads the directory while another already writes to it, so all ranks
+    share out the same remaining seeds).
 
-    At the end rank 0 writes ``grid.png``: the ``grid_size`` samples with the smallest seeds (a
-    scatter plot for 2-D data).
+    Sharding: the remaining seeds are batched as one process would batch them (``batch_size``
+    consecutive remaining seeds per batch) and batch j goes to rank j % world_size, whole. So the
+    shard names and every batch's contents do not depend on the number of ranks, and each seed
+    is sampled by exactly one rank; a rank may get no batch (it then skips the loop). Seeds are
+    sample indices (``PredictConfig``): x_T of sample i comes from seed i, the sampler noise of a
+    batch from its first seed, so a run on any number of ranks writes the same files as one
+    process (up to floating-point differences), and with a deterministic sampler (heun with
+    ``s_churn=0``, ddim with ``eta=0``, euler, dpm_solver_2) a sample does not even depend on
+    its batch, so a resumed run gives the samples of an uninterrupted one. Resuming with
+    ``image_folder=True`` over shards written without it also writes the missing PNGs (from the
+    shards' ``images``). Loaders handed to ``trainer.predict(dataloaders=...)`` directly are
+    neither filtered nor re-sharded.
+
+    At the end, after every rank has finished writing, rank 0 writes ``grid.png``: the
+    ``grid_size`` samples with the smallest seeds (a scatter plot for 2-D data); only when it is
+    missing or this run wrote samples.
 
     Args:
         output_dir: where to write.
         grid_size: samples in the final grid (0: no grid).
+        image_folder: also write every image as ``images/{seed:08d}.png`` (image data only).
     """
 
     MANIFEST = "manifest.json"
+    IMAGES = "images"
     IDENTITY_FIELDS = ("model_class", "sampler", "data_shape", "schedule", "weights_sha256")
 
-    def __init__(self, output_dir: str, grid_size: int = 64) -> None:
+    def __init__(self, output_dir: str, grid_size: int = 64, image_folder: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir).expanduser()
         self.grid_size = grid_size
+        self.image_folder = image_folder
         self.skipped_seeds: set[int] = set()
         self.written: list[Path] = []
         self._prepared = False
         self._wrapped: list[tuple[Any, str]] = []
+        self._zero_length_flag: tuple[L.LightningModule, bool] | None = None
+
+    def image_path(self, seed: int) -> Path:
+        """Where ``image_folder`` writes the PNG of ``seed``."""
+        return self.output_dir / self.IMAGES / f"{seed:08d}.png"
 
     # ---- run identity --------------------------------------------------------------------
     def manifest_for(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -253,9 +304,20 @@ class SampleWriter(BasePredictionWriter):
             "format": 1,
         }
 
+    def _check_image_shape(self, shape: Any) -> None:
+        """``image_folder`` needs image data [C, H, W] (C in 1..4)."""
+        if self.image_folder and shape is not None and not is_image_shape(tuple(shape)):
+            raise NoiseclsError(
+                f"SampleWriter(image_folder=true) writes PNGs of image data [C, H, W], but this "
+                f"model's samples have shape {list(shape)}; set image_folder to false (the .npz "
+                "shards hold every sample)"
+            )
+
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> set[int]:
-        """Check / write the manifest; return the seeds already written (for this run)."""
+        """Check / write the manifest; return the seeds already written (for this run). Every
+        rank makes the same checks on the same files, so a refusal happens on all of them."""
         manifest = self.manifest_for(trainer, pl_module)
+        self._check_image_shape(manifest["data_shape"])
         path = self.output_dir / self.MANIFEST
         existing_files = sorted(self.output_dir.glob("samples_*.npz"))
         if path.is_file():
@@ -279,9 +341,18 @@ class SampleWriter(BasePredictionWriter):
         done: set[int] = set()
         for f in existing_files:
             with np.load(f) as data:
-                done.update(int(s) for s in data["seeds"])
+                seeds = [int(s) for s in data["seeds"]]
+                done.update(seeds)
+                if self.image_folder and trainer.is_global_zero and "images" in data:
+                    self._backfill_images(seeds, data["images"])
         self._prepared = True
         return done
+
+    def _backfill_images(self, seeds: list[int], images: np.ndarray) -> None:
+        """Write the PNGs missing for a complete shard (uint8 images [B, H, W, C])."""
+        for seed, image in zip(seeds, images, strict=True):
+            if not self.image_path(seed).exists():
+                save_png(torch.from_numpy(image).permute(2, 0, 1), self.image_path(seed))
 
     # ---- resume: filter the seeds before sampling ----------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -292,29 +363,62 @@ class SampleWriter(BasePredictionWriter):
         self._prepared = False
         self.skipped_seeds = set()
         self.written = []
+        # after filtering a rank may get no seeds (fewer remaining seeds than ranks): it then
+        # skips the predict loop instead of failing Lightning's zero-length check
+        flag = "allow_zero_length_dataloader_with_multiple_devices"
+        self._zero_length_flag = (pl_module, getattr(pl_module, flag))
+        setattr(pl_module, flag, True)
         # the predict loop asks the DataModule when one is attached, else the module
         owner = trainer.datamodule if trainer.datamodule is not None else pl_module
         original = owner.predict_dataloader
 
         def filtered() -> Any:
             done = self._prepare(trainer, trainer.lightning_module)
-            return self._without(original(), done)
+            # every rank has read the directory before any rank samples or writes: the ranks
+            # filter the same done set, so they share out the same remaining seeds
+            trainer.strategy.barrier("noisecls-sample-writer-done-set")
+            return self._remaining(trainer, original(), done)
 
         owner.predict_dataloader = filtered  # instance attribute; removed in teardown
         self._wrapped.append((owner, "predict_dataloader"))
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _restore(self) -> None:
+        """Undo what ``setup`` changed on the module / DataModule."""
         for owner, name in self._wrapped:
             owner.__dict__.pop(name, None)
         self._wrapped = []
-        grid_missing = not (self.output_dir / "grid.png").exists()
-        if stage == "predict" and trainer.is_global_zero and grid_missing:
-            self._write_grid(pl_module)  # also when every seed was already written
+        if self._zero_length_flag is not None:
+            module, value = self._zero_length_flag
+            module.allow_zero_length_dataloader_with_multiple_devices = value
+            self._zero_length_flag = None
 
-    def _without(self, loader: Any, done: set[int]) -> Any:
-        """The loader minus the seeds in ``done`` (a loader over integer seeds only)."""
-        if not done or not isinstance(loader, DataLoader):
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()  # Lightning calls no teardown hooks after an exception
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+        if stage != "predict":
+            return
+        # collective on every rank (also those whose loop had no seeds): after it, every rank's
+        # files are complete
+        wrote_any = trainer.strategy.reduce_boolean_decision(bool(self.written), all=False)
+        if trainer.is_global_zero and (wrote_any or not (self.output_dir / "grid.png").exists()):
+            self._write_grid()
+
+    def _remaining(self, trainer: L.Trainer, loader: Any, done: set[int]) -> Any:
+        """The loader over the seeds not in ``done``, batched as one process would batch them and
+        holding this rank's share: whole batches, batch j to rank j % world size (so shard names
+        and batch contents do not depend on the number of ranks). A loader over integer seeds
+        only; anything else is returned as it is (Lightning then shards it)."""
+        if not isinstance(loader, DataLoader):
             return loader
+        if loader.batch_size is None:
+            raise NoiseclsError(
+                "SampleWriter needs a predict DataLoader with a batch_size (not a batch_sampler); "
+                "set model.init_args.predict.batch_size"
+            )
         dataset: Dataset = loader.dataset
         keep = []
         for i in range(len(dataset)):  # type: ignore[arg-type]
@@ -323,12 +427,16 @@ class SampleWriter(BasePredictionWriter):
                 self.skipped_seeds.add(seed)
             else:
                 keep.append(i)
-        return DataLoader(Subset(dataset, keep), batch_size=loader.batch_size, shuffle=False,
+        remaining = Subset(dataset, keep)
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        share = _RankBatches(remaining, loader.batch_size, kwargs.get("num_replicas", 1),
+                             kwargs.get("rank", 0))  # fmt: skip
+        return DataLoader(remaining, batch_size=loader.batch_size, sampler=share,
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn)  # fmt: skip
 
     # ---- writing -------------------------------------------------------------------------
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._prepared:  # dataloaders given directly to trainer.predict
+        if not self._prepared:  # dataloaders given directly to trainer.predict: no filtering
             self._prepare(trainer, pl_module)
 
     def write_on_batch_end(
@@ -346,11 +454,17 @@ class SampleWriter(BasePredictionWriter):
         path = self.output_dir / f"samples_{int(seeds[0]):08d}-{int(seeds[-1]):08d}.npz"
         if path.exists():
             return  # complete (atomic) file of this run: never overwritten
-        arrays = {"samples": samples.numpy().astype(np.float32), "seeds": seeds.numpy()}
+        arrays = {"samples": samples.numpy().astype(np.float32), "seeds": seeds.numpy(),
+                  "rank": np.int64(trainer.global_rank)}  # fmt: skip
         if prediction.get("labels") is not None:  # class-conditional models
             arrays["labels"] = torch.as_tensor(prediction["labels"]).cpu().to(torch.int64).numpy()
+        self._check_image_shape(samples.shape[1:])
         if is_image_shape(samples.shape[1:]):
-            arrays["images"] = to_uint8_images(samples).permute(0, 2, 3, 1).contiguous().numpy()
+            images = to_uint8_images(samples)  # [B, C, H, W]
+            if self.image_folder:  # before the shard, which marks the batch complete
+                for seed, image in zip(seeds.tolist(), images, strict=True):
+                    save_png(image, self.image_path(seed))
+            arrays["images"] = images.permute(0, 2, 3, 1).contiguous().numpy()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -363,12 +477,7 @@ class SampleWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # write_interval="batch": nothing to write per epoch
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.strategy.barrier("noisecls-sample-writer")  # every rank's files are complete
-        if trainer.is_global_zero:
-            self._write_grid(pl_module)
-
-    def _write_grid(self, pl_module: L.LightningModule) -> None:
+    def _write_grid(self) -> None:
         if self.grid_size <= 0:
             return
         seeds, samples = [], []

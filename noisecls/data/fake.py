@@ -1,5 +1,6 @@
-"""Real vs fake data for Discriminator Guidance: any noisecls DataModule paired with the
-``.npz`` sample shards that ``noisecls predict`` (SampleWriter) wrote.
+"""Real vs fake data for Discriminator Guidance: any noisecls DataModule paired with generated
+samples: the ``.npz`` shards that ``noisecls predict`` (SampleWriter) wrote, or a plain folder of
+PNG images (SampleWriter's ``images/`` or another tool's output), see :func:`load_fake_samples`.
 
 Batches are ``(x, y)`` with x as in the real DataModule and y int64 [B, 3]: column 0 is the
 target (real = 1, fake = 0), column 1 the class label (the real data's label, the fake sample's
@@ -56,28 +57,109 @@ def target_indices(y: Tensor) -> Tensor:
     return y[:, 2].long()
 
 
-def load_fake_samples(directories: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """All ``samples_*.npz`` shards under ``directories``, ordered by seed: (x float32 [N, ...],
-    labels int64 [N]; 0 where the shards hold no labels). Duplicate seeds are an error."""
+def _load_shards(path: Path, files: list[Path]) -> tuple[Tensor, Tensor, Tensor]:
+    """SampleWriter shards: (x float32 [N, ...], labels int64 [N], seeds int64 [N])."""
     xs, labels, seeds = [], [], []
+    for file in files:
+        with np.load(file) as data:
+            n = data["seeds"].shape[0]
+            xs.append(torch.from_numpy(data["samples"].astype(np.float32)))
+            seeds.append(torch.from_numpy(data["seeds"].astype(np.int64)))
+            lab = data["labels"] if "labels" in data else np.zeros(n, dtype=np.int64)
+            labels.append(torch.from_numpy(lab.astype(np.int64)))
+    s = torch.cat(seeds)
+    if s.unique().numel() != s.numel():
+        raise NoiseclsError(f"{path} holds repeated seeds; remove the stray shards")
+    return torch.cat(xs), torch.cat(labels), s
+
+
+def _read_png(file: Path) -> np.ndarray:
+    """One PNG as uint8 [H, W, C] keeping its channels (L: 1, LA: 2, RGB: 3, RGBA: 4; palette
+    and 1-bit images are expanded to RGB / L)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            if image.mode == "1":
+                image = image.convert("L")
+            elif image.mode in ("P", "PA"):
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            if image.mode not in ("L", "LA", "RGB", "RGBA"):
+                raise NoiseclsError(
+                    f"{file} is a {image.mode} PNG; fake samples must be 8-bit images "
+                    "(grayscale, RGB or RGBA)"
+                )
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise NoiseclsError(f"cannot read {file} ({err}); remove or replace it") from err
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _load_pngs(path: Path, files: list[Path]) -> tuple[Tensor, Tensor, Tensor]:
+    """A plain folder of PNG images, sorted by file name: (x float32 [N, C, H, W] in [-1, 1]
+    (pixel k -> k / 127.5 - 1), labels int64 [N] (all 0), positions int64 [N])."""
+    arrays = []
+    for file in files:
+        array = _read_png(file)
+        if arrays and array.shape != arrays[0].shape:
+            raise NoiseclsError(
+                f"{file} is {array.shape[1]}x{array.shape[0]} with {array.shape[2]} channel(s) but "
+                f"{files[0].name} {arrays[0].shape[1]}x{arrays[0].shape[0]} with "
+                f"{arrays[0].shape[2]}; all fake images in {path} must have one size and mode"
+            )
+        arrays.append(array)
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [N, C, H, W] uint8
+    x = pixels.to(torch.float32) / 127.5 - 1.0
+    n = x.shape[0]
+    return x.contiguous(), torch.zeros(n, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
+
+
+def _fake_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(``samples_*.npz`` shards, ``*.png`` images) directly in ``path``, sorted by name."""
+    shards = sorted(path.glob("samples_*.npz"))
+    pngs = sorted(p for p in path.glob("*.png") if not p.name.startswith("."))
+    return shards, pngs
+
+
+def _missing_message(path: Path) -> str:
+    return (
+        f"no samples_*.npz shards and no *.png images in {path}; write fake samples first with "
+        "`noisecls predict --config <model config> --ckpt_path <checkpoint>` or point fake_dirs "
+        "at a folder of generated PNG images"
+    )
+
+
+def load_fake_samples(directories: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """The generated samples in ``directories``: (x float32 [N, ...] in data scale, labels int64
+    [N]; 0 where there are no labels).
+
+    A directory holding ``samples_*.npz`` shards (what ``noisecls predict`` / SampleWriter
+    writes) is read from them: the float samples and generation labels, ordered by seed; repeated
+    seeds within a directory are an error. A directory without shards but with ``*.png`` files
+    (e.g. SampleWriter's ``images/`` folder, or the output of another tool such as NVlabs/edm's
+    ``generate.py``; not searched recursively) is read as 8-bit images [N, C, H, W] scaled to
+    [-1, 1] (pixel k -> k / 127.5 - 1, ordered by file name, label 0). Samples of several
+    directories are merged in seed order (the file position for PNG folders)."""
+    xs, labels, keys = [], [], []
     for directory in directories:
         path = Path(directory).expanduser()
-        files = sorted(path.glob("samples_*.npz"))
-        if not files:
-            raise DatasetNotFoundError(
-                f"no samples_*.npz in {path}; write fake samples first with `noisecls predict`"
+        shards, pngs = _fake_files(path)
+        if shards:
+            x, y, k = _load_shards(path, shards)
+        elif pngs:
+            x, y, k = _load_pngs(path, pngs)
+        else:
+            raise DatasetNotFoundError(_missing_message(path))
+        if xs and x.shape[1:] != xs[0].shape[1:]:
+            raise NoiseclsError(
+                f"the samples in {path} have shape {list(x.shape[1:])} but those in "
+                f"{directories[0]} {list(xs[0].shape[1:])}; list directories of one data set"
             )
-        for file in files:
-            with np.load(file) as data:
-                n = data["seeds"].shape[0]
-                xs.append(torch.from_numpy(data["samples"].astype(np.float32)))
-                seeds.append(torch.from_numpy(data["seeds"].astype(np.int64)))
-                lab = data["labels"] if "labels" in data else np.zeros(n, dtype=np.int64)
-                labels.append(torch.from_numpy(lab.astype(np.int64)))
-    x, y, s = torch.cat(xs), torch.cat(labels), torch.cat(seeds)
-    if len(directories) == 1 and s.unique().numel() != s.numel():
-        raise NoiseclsError(f"{directories[0]} holds repeated seeds; remove the stray shards")
-    order = torch.argsort(s, stable=True)
+        xs.append(x)
+        labels.append(y)
+        keys.append(k)
+    x, y, k = torch.cat(xs), torch.cat(labels), torch.cat(keys)
+    order = torch.argsort(k, stable=True)
     return x[order].contiguous(), y[order]
 
 
@@ -111,7 +193,8 @@ class RealFakeDataModule(NoiseclsDataModule):
 
     Args:
         real: the real data's DataModule.
-        fake_dirs: directories of SampleWriter ``.npz`` shards (one or several runs).
+        fake_dirs: directories of SampleWriter ``.npz`` shards or of PNG images (one or several
+            runs; see :func:`load_fake_samples`).
         batch_size, eval_batch_size: GLOBAL batch sizes of the mixed data.
         fake_val_size, fake_test_size: held-out fake samples per split.
         seed, num_workers, pin_memory: see :class:`NoiseclsDataModule`.
@@ -141,11 +224,10 @@ class RealFakeDataModule(NoiseclsDataModule):
 
     def _check_available(self) -> None:
         for directory in self.fake_dirs:
-            if not any(Path(directory).expanduser().glob("samples_*.npz")):
-                raise DatasetNotFoundError(
-                    f"no samples_*.npz in {directory}; write fake samples first with "
-                    "`noisecls predict --config <model config> --ckpt_path <checkpoint>`"
-                )
+            path = Path(directory).expanduser()
+            shards, pngs = _fake_files(path)
+            if not shards and not pngs:
+                raise DatasetNotFoundError(_missing_message(path))
 
     def _build(self) -> None:
         x, labels = load_fake_samples(self.fake_dirs)

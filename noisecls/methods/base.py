@@ -285,7 +285,8 @@ class DiffusionModule(L.LightningModule):
         return self.run_sampler(config, x, sigmas, generator=generator, cond=cond)
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        """Seeds to generate; under DDP Lightning shards them across ranks without repeats."""
+        """Seeds to generate (under DDP, SampleWriter shares out whole batches: batch j to rank
+        j % world size)."""
         cfg = self.predict_config
         dataset = SeedDataset(self.predict_sample_count(), cfg.first_seed)
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
