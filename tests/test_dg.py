@@ -446,3 +446,28 @@ def test_predict_writes_as_many_samples_as_the_training_split(tmp_path: Path) ->
         trainer(tmp_path).predict(module, return_predictions=False)
     with pytest.raises(ValueError, match="num_samples >= 1"):
         PredictConfig(num_samples="all")  # type: ignore[arg-type]
+
+
+def test_class_conditional_discriminator_sees_what_the_marginal_hides(tmp_path: Path) -> None:
+    """Fake samples from the data mixture but with swapped labels (x from component 1 labelled
+    0 and vice versa): the marginal of x is the data's, so an unconditional discriminator is at
+    chance, while a class-conditional one separates real from fake."""
+    x, component = DATA.sample(5000, generator=torch.Generator().manual_seed(11))
+    fake = tmp_path / "swapped"
+    fake.mkdir()
+    np.savez(fake / "samples_00000000-00004999.npz", samples=x.numpy(),
+             seeds=np.arange(5000), labels=(1 - component).numpy())  # fmt: skip
+    accuracy = {}
+    for conditional in (False, True):
+        dm = RealFakeDataModule(
+            toy_data(), str(fake), batch_size=256, fake_val_size=1000, fake_test_size=0
+        )  # fmt: skip  (balanced validation)
+        torch.manual_seed(0)
+        net = ResidualMLP(dim=2, hidden=64, num_blocks=2, num_classes=2, head=ScalarHead())
+        dg = DG(net, score_model=OracleModule(WRONG), class_conditional=conditional,
+                optimizer=lambda p: torch.optim.Adam(p, lr=2e-3), val_bins=4)  # fmt: skip
+        fit = trainer(tmp_path, max_steps=500, val_check_interval=500,
+                      check_val_every_n_epoch=None)  # fmt: skip
+        fit.fit(dg, datamodule=dm)
+        accuracy[conditional] = float(fit.callback_metrics["val/acc_t0.00-0.25"])
+    assert accuracy[True] > 0.9 and abs(accuracy[False] - 0.5) < 0.1, accuracy
