@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from test_data import _write_cifar  # tiny CIFAR-10 in the real format
 from torch import Tensor
 
 from noisecls.data import DigitsDataModule
@@ -202,3 +203,36 @@ def test_feature_cache_needs_an_extractor() -> None:
     with pytest.raises(NoiseclsError, match="feature_cache caches"):
         DG(tiny_unet(1, 8, ScalarHead()), score_model=digits_ddm(0),
            feature_cache=FeatureCacheConfig())  # fmt: skip
+
+
+def test_cache_is_built_from_unaugmented_examples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random flips make the real training items random; the cache is keyed and filled from
+    the same split without augmentation (same indices and targets), so every rank and every run
+    finds the same entry."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    from noisecls.data import CIFAR10DataModule
+
+    _write_cifar(tmp_path)  # torchvision checks the official md5s: existence only here
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: Path(fpath).is_file())
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.savez(fake / "samples_00000000-00000007.npz", samples=x.numpy(), seeds=np.arange(8))
+    dm = RealFakeDataModule(CIFAR10DataModule(str(tmp_path), batch_size=4, random_flip=True,
+                                              val_split=4, num_workers=0),
+                            str(fake), batch_size=4, fake_val_size=2, fake_test_size=0)  # fmt: skip
+    dm.setup("fit")
+    plain = dm.unaugmented_train_set()
+    assert len(plain) == len(dm.train_set) == 16 + 6
+    reads = torch.stack([dm.train_set[0][0] for _ in range(16)])
+    assert not torch.equal(reads.amin(0), reads.amax(0))  # the training item is flipped at random
+    for i in range(len(plain)):
+        assert torch.equal(plain[i][0], plain[i][0]) and torch.equal(
+            plain[i][1], dm.train_set[i][1]
+        )
+    assert torch.equal(reads[0], plain[0][0]) or torch.equal(reads[0], plain[0][0].flip(-1))
+    keys = {builder(plain, PixelMean(), tmp_path / "c").key for _ in range(2)}
+    assert len(keys) == 1

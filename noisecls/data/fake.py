@@ -247,10 +247,27 @@ class RealFakeDataModule(NoiseclsDataModule):
         }
         for split in ("train", "val", "test"):
             real_part = getattr(self.real, f"{split}_set", None)
-            parts: list[Dataset] = [] if real_part is None else [TargetDataset(real_part, 1)]
-            offset = len(real_part) if real_part is not None else 0
-            parts.append(TargetDataset(self.fake_sets[split], 0, offset))
-            setattr(self, f"{split}_set", ConcatDataset(parts))
+            setattr(self, f"{split}_set", self._pair(real_part, self.fake_sets[split]))
+
+    @staticmethod
+    def _pair(real: Dataset | None, fake: Dataset) -> ConcatDataset:
+        """Real examples (target 1) then fake ones (target 0), indexed in that order."""
+        parts: list[Dataset] = [] if real is None else [TargetDataset(real, 1)]
+        offset = len(real) if real is not None else 0  # type: ignore[arg-type]
+        parts.append(TargetDataset(fake, 0, offset))
+        return ConcatDataset(parts)
+
+    def unaugmented_train_set(self) -> ConcatDataset:
+        """The training split with the real part un-augmented (no random flip), same indices as
+        ``train_set``: deterministic items, what a per-example cache is built from."""
+        self.setup()
+        real = self.real.reference_dataset()
+        if len(real) != len(self.real.train_set):  # type: ignore[arg-type]
+            raise NoiseclsError(
+                f"{type(self.real).__name__}.reference_dataset() is not its training split "
+                "without augmentation (lengths differ); a per-example cache cannot use it"
+            )
+        return self._pair(real, self.fake_sets["train"])
 
     def reference_dataset(self) -> Dataset:
         """The real training split without augmentation (FID reference)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from noisecls.data.fake import split_targets, target_indices
+from noisecls.data.fake import RealFakeDataModule, split_targets, target_indices
 from noisecls.denoisers import (
     CountingDenoiser,
     DiscriminatorGuidedDenoiser,
@@ -248,7 +248,8 @@ class DG(DiffusionModule):
             feature extractor (any network-backed model of this framework; its encoder).
         feature_cache: precompute the extractor's features of the training split once (K noise
             draws per example, on disk) and train on them (see
-            :mod:`noisecls.methods.dg_features`); validation still runs the extractor live.
+            :mod:`noisecls.methods.dg_features`); validation still runs the extractor live. The
+            cached examples are un-augmented (no random flips of the real images).
         guidance: how sampling is corrected (see :class:`GuidanceConfig`).
         vp_schedule: the discriminator's VP SDE (default linear, beta 0.1 -> 20).
         t_min: smallest training time (1e-5).
@@ -386,12 +387,12 @@ class DG(DiffusionModule):
         if self.feature_cache is None:
             return
         datamodule = self.trainer.datamodule
-        dataset = getattr(datamodule, "train_set", None)
-        if dataset is None:
+        if not isinstance(datamodule, RealFakeDataModule):
             raise NoiseclsError(
                 "feature_cache needs the training data from a RealFakeDataModule (data: "
                 "noisecls.data.fake.RealFakeDataModule)"
             )
+        dataset = datamodule.unaugmented_train_set()  # deterministic items for the cache
         features = self.discriminator.features
         assert features is not None  # checked in __init__
         builder = FeatureCacheBuilder(
