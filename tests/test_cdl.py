@@ -367,11 +367,16 @@ class SignFlippedCDL(CDL):
 
 
 def compare_on_toy(
-    seeds, pretrain_steps: int, finetune_steps: int, variants: dict, sampling: bool = True
+    seeds,
+    pretrain_steps: int,
+    finetune_steps: int,
+    variants: dict,
+    sampling: bool = True,
+    finetune_lr: float = 3e-4,
 ) -> dict[str, dict[str, float]]:
     """Pretrain a DDM on the 8-Gaussian toy, then fine-tune copies of it for the same steps on
     the same batches with the DDM loss ("DDM") and with each variant {name: (CDL class,
-    cdl_weight)}; metrics averaged over seeds."""
+    cdl_weight)}; metrics averaged over seeds, and per seed under ``"<name> seed <s>"``."""
     dm = ToyDataModule(name="gmm", n_train=20000)
     dm.setup()
     oracle, data = dm.oracle, dm.train_set.x
@@ -391,16 +396,20 @@ def compare_on_toy(
                 )  # fmt: skip
                 model.set_reference(mean, cov)
             model.load_state_dict(base.state_dict())
-            train_steps(model, data, finetune_steps, 3e-4, seed + 1000)
+            train_steps(model, data, finetune_steps, finetune_lr, seed + 1000)
             metrics = denoiser_errors(model.denoiser(), oracle)
             metrics |= noise_classification(model, dm.val_set.x, mean, cov)
             if sampling:
                 metrics |= sampling_metrics(model.denoiser(), oracle)
             rows[name].append(metrics)
-    return {
+    table = {
         name: {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
         for name, runs in rows.items()
     }
+    for name, runs in rows.items():
+        if len(runs) > 1:
+            table |= {f"{name} seed {seed}": run for seed, run in zip(seeds, runs, strict=True)}
+    return table
 
 
 def print_table(table: dict[str, dict[str, float]], title: str) -> None:
@@ -459,14 +468,20 @@ def test_cdl_vs_ddm_on_toy_quick():
 @pytest.mark.slow
 def test_cdl_vs_ddm_on_toy_table():
     """The paper's 2-D table at CPU scale: three seeds, a 6000-step DDM fine-tuned 1000 more
-    steps with DDM and with DDM + CDL: denoiser error against the oracle in and out of
-    distribution, Picard sweeps and sample MMD for sequential and parallel DDIM / DDPM. CDL's
-    OOD error is not worse than DDM's beyond 5% (measured ratios 0.95-1.01 per seed pair)."""
-    table = compare_on_toy([0, 1, 2], 6000, 1000, {"CDL": (CDL, 0.1)}, sampling=True)
+    steps (lr 1e-4) with DDM and with DDM + CDL on the same batches and noise: denoiser error
+    against the oracle in and out of distribution, Picard sweeps and sample MMD for sequential
+    and parallel DDIM / DDPM. CDL's OOD error is not worse than DDM's: on average over the
+    seeds (measured CDL/DDM 0.99, per seed 0.985-0.994), and per seed within 3% (two DDMs
+    fine-tuned with different noise differ by up to 7%). The paper's OOD gain is not reproduced
+    at this scale (its 2-D models train ~7.8M steps from scratch)."""
+    seeds = [0, 1, 2]
+    table = compare_on_toy(seeds, 6000, 1000, {"CDL": (CDL, 0.1)}, finetune_lr=1e-4)
     print_table(table, "CDL vs DDM on the 8-Gaussian toy (3 seeds, 6000 + 1000 steps)")
     ddm, cdl = table["DDM"], table["CDL"]
     assert cdl["CDL loss (held-out)"] < ddm["CDL loss (held-out)"]
     for key in OOD:
-        assert cdl[key] <= 1.05 * ddm[key], (key, table)
+        assert cdl[key] <= ddm[key], (key, table)
+        for seed in seeds:
+            assert table[f"CDL seed {seed}"][key] <= 1.03 * table[f"DDM seed {seed}"][key]
     for name in ("DDIM", "DDPM"):  # parallel sampling converges in far fewer sweeps than steps
         assert cdl[f"{name} Picard sweeps"] < 50 and ddm[f"{name} Picard sweeps"] < 50
