@@ -19,6 +19,8 @@ import time
 
 import torch
 
+import noisecls  # noqa: F401  (before lightning / torchvision: see noisecls._compat)
+
 
 def build(args: argparse.Namespace):
     from noisecls.methods import DDM
