@@ -95,11 +95,10 @@ class FeatureCacheConfig:
             raise ValueError(f"feature_cache dtype must be float16 or float32, not {self.dtype!r}")
 
     def root(self) -> Path:
-        return (
-            Path(self.directory).expanduser()
-            if self.directory
-            else default_cache_dir() / ("dg_features")
-        )
+        """The directory holding the cache entries."""
+        if self.directory:
+            return Path(self.directory).expanduser()
+        return default_cache_dir() / "dg_features"
 
 
 class FeatureCache:
