@@ -27,7 +27,7 @@ from noisecls.data.toy import ToyDataModule
 from noisecls.denoisers import DiscriminatorGuidedDenoiser
 from noisecls.errors import NoiseclsError
 from noisecls.methods.base import DiffusionModule
-from noisecls.methods.dg import DG, GuidanceConfig, importance_sample_times
+from noisecls.methods.dg import DG, GuidanceConfig
 from noisecls.nets import ResidualMLP, ScalarHead
 from noisecls.oracles import GaussianMixture, mmd_rbf
 from noisecls.process.schedules import EDMSchedule, LogSNRSchedule, karras_sigmas
@@ -145,7 +145,7 @@ def test_importance_sampled_times_follow_the_density() -> None:
     """t ~ beta(t)/(1 - exp(-B(t))) on [t_min, 1]: the CDF is
     (log expm1 B(t) - log expm1 B(t_min)) / Z; Kolmogorov-Smirnov distance is small."""
     t_min = 1e-5
-    t = importance_sample_times(VP, 20000, t_min, generator=torch.Generator().manual_seed(5))
+    t = VP.sample_t_uniform_log_snr(20000, t_min, generator=torch.Generator().manual_seed(5))
     assert float(t.min()) >= t_min and float(t.max()) <= 1.0
     a = lambda s: torch.log(torch.expm1(VP.integrated_beta(s)))  # noqa: E731
     lo, hi = a(torch.tensor(t_min, dtype=torch.float64)), a(torch.tensor(1.0, dtype=torch.float64))

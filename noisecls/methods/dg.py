@@ -28,12 +28,7 @@ from noisecls.denoisers import (
 )
 from noisecls.errors import NoiseclsError
 from noisecls.methods.base import DiffusionModule, PredictConfig, derive_seed
-from noisecls.methods.dg_features import (
-    FeatureCache,
-    FeatureCacheBuilder,
-    FeatureCacheConfig,
-    importance_sample_times,
-)
+from noisecls.methods.dg_features import FeatureCache, FeatureCacheBuilder, FeatureCacheConfig
 from noisecls.process.schedules import LogSNRSchedule, broadcast_like
 from noisecls.samplers import SamplerConfig, run_sampler, sample_heun
 
@@ -420,9 +415,8 @@ class DG(DiffusionModule):
     ) -> Tensor:
         """Logits [B] at x_t = alpha(t)·x0 + sigma(t)·eps (fresh eps from ``generator``)."""
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        alpha = broadcast_like(self.vp_schedule.alpha(t).to(x0.device), x0)
-        sigma = broadcast_like(self.vp_schedule.sigma(t).to(x0.device), x0)
-        return self.discriminator(alpha * x0 + sigma * eps, t, class_labels)
+        x_t = self.vp_schedule.add_noise(x0, t.to(x0.device), eps)
+        return self.discriminator(x_t, t, class_labels)
 
     def classification(self, logits: Tensor, is_real: Tensor) -> tuple[Tensor, Tensor]:
         """Mean BCE of sigmoid(logits [B]) clipped to [1e-5, 1 - 1e-5] against ``is_real`` [B],
@@ -442,8 +436,8 @@ class DG(DiffusionModule):
         importance-sampled times, and the accuracy."""
         if is_real is None:
             is_real = torch.ones(x0.shape[0], device=x0.device)
-        t = importance_sample_times(
-            self.vp_schedule, x0.shape[0], self.t_min, generator=generator, device=x0.device
+        t = self.vp_schedule.sample_t_uniform_log_snr(
+            x0.shape[0], self.t_min, generator=generator, device=x0.device
         )
         logits = self.discriminator_logits(x0, t, labels, generator)
         loss, accuracy = self.classification(logits, is_real)

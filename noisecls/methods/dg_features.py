@@ -1,6 +1,5 @@
-"""DG's training-time diffusion: importance-sampled times, and precomputed features of the
-frozen extractor (the official code's answer to running out of memory: the pretrained feature
-network is never run during discriminator training).
+"""Precomputed features of DG's frozen extractor (the official code's answer to running out of
+memory: the pretrained feature network is never run during discriminator training).
 
 Each training example i is diffused ``draws`` times at importance-sampled times t_ik with fresh
 noise, x_ik = alpha(t_ik)·x_i + sigma(t_ik)·eps_ik, and the frozen extractor's features
@@ -43,32 +42,11 @@ from noisecls.data.base import collate_pairs
 from noisecls.data.fake import split_targets
 from noisecls.errors import NoiseclsError
 from noisecls.methods.base import derive_seed
-from noisecls.process.schedules import LogSNRSchedule, broadcast_like
+from noisecls.process.schedules import LogSNRSchedule
 
-__all__ = ["FeatureCache", "FeatureCacheBuilder", "FeatureCacheConfig", "importance_sample_times"]
+__all__ = ["FeatureCache", "FeatureCacheBuilder", "FeatureCacheConfig"]
 
 CHUNK_SALT = 0x46454154  # "FEAT": keeps the chunks' noise apart from other seeded streams
-
-
-def importance_sample_times(
-    schedule: LogSNRSchedule,
-    n: int,
-    t_min: float,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | None = None,
-) -> Tensor:
-    """Diffusion times t in [t_min, 1] with density proportional to beta(t) / (1 - exp(-B(t))),
-    float64 [n] (DG's importance sampling; the official code's ``get_diffusion_time``).
-
-    That density is d/dt log(exp(B(t)) - 1) = -d lambda / dt for the linear VP SDE's log-SNR
-    lambda(t) = -log(exp(B(t)) - 1), so inverse-CDF sampling draws lambda uniformly in
-    [lambda(1), lambda(t_min)] and maps it back to t.
-    """
-    ends = schedule.lambda_(torch.tensor([t_min, 1.0], dtype=torch.float64))
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-    lam = ends[0].to(u.device) + u * (ends[1] - ends[0]).to(u.device)
-    return schedule.t_from_lambda(lam).clamp(t_min, 1.0)
 
 
 @dataclass
@@ -258,13 +236,11 @@ class FeatureCacheBuilder:
 
     # ---- computation ---------------------------------------------------------------------
     def _times(self, n: int, generator: torch.Generator) -> Tensor:
-        return importance_sample_times(self.schedule, n, self.t_min, generator=generator,
-                                       device=self.device)  # fmt: skip
+        return self.schedule.sample_t_uniform_log_snr(n, self.t_min, generator=generator,
+                                                      device=self.device)  # fmt: skip
 
     @torch.no_grad()
     def _features(self, x0: Tensor, y: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         x0, eps, t = x0.to(self.device), eps.to(self.device), t.to(self.device)
-        alpha = broadcast_like(self.schedule.alpha(t).to(x0), x0)
-        sigma = broadcast_like(self.schedule.sigma(t).to(x0), x0)
         labels = split_targets(y)[1].to(self.device) if self.use_labels else None
-        return self.extractor(alpha * x0 + sigma * eps, t, labels).float()
+        return self.extractor(self.schedule.add_noise(x0, t, eps), t, labels).float()

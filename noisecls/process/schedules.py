@@ -267,6 +267,24 @@ class LogSNRSchedule(NoiseSchedule):
         lam = lam.clamp(self.logsnr_min, self.logsnr_max)
         return 2 / math.pi * torch.atan(torch.exp(-lam / 2))
 
+    def sample_t_uniform_log_snr(
+        self,
+        n: int,
+        t_min: float,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """Times t in [t_min, 1] whose log-SNR is uniform on [lambda(1), lambda(t_min)], float64
+        [n]: density -d lambda/dt / (lambda(t_min) - lambda(1)). For the linear VP SDE, lambda =
+        -log(exp(B(t)) - 1) and the density is proportional to beta(t) / (1 - exp(-B(t))), DG's
+        importance sampling of discriminator training times (the official
+        ``get_diffusion_time``); inverse-CDF sampling in lambda."""
+        ends = self.lambda_(torch.tensor([t_min, 1.0], dtype=torch.float64))
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        lam = ends[0].to(u.device) + u * (ends[1] - ends[0]).to(u.device)
+        return self.t_from_lambda(lam).clamp(t_min, 1.0)
+
     def log_snr(self, t: Tensor) -> Tensor:
         return self.lambda_(t)
 
