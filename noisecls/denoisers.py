@@ -43,6 +43,19 @@ def score_from_denoiser(denoised: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
     return (denoised - x) / broadcast_like(sigma, x) ** 2
 
 
+def gradient_ready(x: Tensor, who: str) -> tuple[Tensor, bool]:
+    """For denoisers that take input gradients: x usable in autograd (an inference tensor is
+    cloned), and whether the caller differentiates through x (keep the graph). Raises a one-line
+    error under inference mode, which forbids input gradients."""
+    if torch.is_inference_mode_enabled():
+        raise NoiseclsError(
+            f"{who} needs input gradients, which inference mode forbids: set "
+            "trainer.inference_mode: false (the noisecls CLI default)"
+        )
+    differentiate = torch.is_grad_enabled() and x.requires_grad
+    return (x.clone() if x.is_inference() else x), differentiate
+
+
 class TrainableDenoiser(nn.Module):
     """A denoiser whose training target is expressed in the network's own output space.
 
@@ -309,14 +322,7 @@ class CDMDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
         """x0_hat [B, ...] for x = x0 + sigma·eps in sigma space, sigma [B]."""
-        if torch.is_inference_mode_enabled():
-            raise NoiseclsError(
-                "the CDM denoiser needs input gradients, which inference mode forbids: set "
-                "trainer.inference_mode: false (the noisecls CLI default)"
-            )
-        differentiate = torch.is_grad_enabled() and x.requires_grad
-        if x.is_inference():
-            x = x.clone()
+        x, differentiate = gradient_ready(x, "the CDM denoiser")
         level = self.level_from_sigma(sigma.to(x.device))
         a = broadcast_like(self.schedule.alpha(level).to(x.device), x)
         eps, _ = self.predict_eps(
@@ -431,14 +437,7 @@ class DiscriminatorGuidedDenoiser(nn.Module):
         return broadcast_like(scale, x) * grad
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            raise NoiseclsError(
-                "Discriminator Guidance needs input gradients, which inference mode forbids: set "
-                "trainer.inference_mode: false (the noisecls CLI default)"
-            )
-        differentiate = torch.is_grad_enabled() and x.requires_grad
-        if x.is_inference():
-            x = x.clone()
+        x, differentiate = gradient_ready(x, "Discriminator Guidance")
         denoised = self.denoiser(x, sigma, **cond)
         extra = self.correction(x, sigma, cond.get("class_labels"), create_graph=differentiate)
         out = denoised + extra.to(denoised.dtype)
