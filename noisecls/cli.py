@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +31,36 @@ def _one_line(message: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_STRUCTURE = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value",
+              "Problem with given class_path")  # fmt: skip
+
+
+def _innermost_type_error(message: str) -> str | None:
+    """A nested jsonargparse validation message condensed to its innermost failure, e.g.
+    ``model.predict.num_samples: expected <class 'int'> or typing.Literal['train'], got all``
+    (None when the message has no nested ``Parser key`` structure)."""
+    lines = [(len(line) - len(line.lstrip()), line.strip()) for line in str(message).splitlines()]
+    reasons = [
+        (d, t)
+        for d, t in lines
+        if t and "NoneType" not in t and not t.lstrip("- ").startswith(_STRUCTURE)
+    ]
+    if not reasons or not any(t.startswith("Parser key") for _, t in lines):
+        return None
+    depth = max(d for d, _ in reasons)
+    deepest = [t.lstrip("- ") for d, t in reasons if d == depth]
+    first = next(i for i, (d, t) in enumerate(lines) if d == depth and t.lstrip("- ") in deepest)
+    keys = [re.sub(r'^Parser key "([^"]+)".*', r"\1", t) for d, t in lines[:first]
+            if d < depth and t.startswith("Parser key")]  # fmt: skip
+    if all(t.startswith("Expected a ") for t in deepest) and len(deepest) > 1:
+        given = next((t for d, t in lines[first:] if t.startswith("Given value:")), "")
+        reason = "expected " + " or ".join(t[len("Expected a ") :] for t in deepest)
+        reason += f", got {given[len('Given value:') :].strip()}" if given else ""
+    else:
+        reason = "; ".join(deepest)
+    return f"{'.'.join(keys)}: {reason}"
+
+
 class OneLineErrorParser(LightningArgumentParser):
     """Argument parser whose errors are one line (no usage dump): ``noisecls: error: ...``."""
 
@@ -37,7 +68,8 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)  # raises ArgumentError for jsonargparse to handle
         hint = " (run `noisecls <subcommand> --help` or `--print_config` to list valid keys)"
-        sys.stderr.write(f"noisecls: error: {_one_line(message)}{hint}\n")
+        text = _innermost_type_error(message) or message
+        sys.stderr.write(f"noisecls: error: {_one_line(text)}{hint}\n")
         sys.exit(EXIT_USAGE)
 
 

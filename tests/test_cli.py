@@ -100,6 +100,17 @@ def test_wrong_config_key_is_one_line(tmp_path):
     assert "learning_rat" in one_error_line(out.stderr)
 
 
+def test_wrong_option_value_names_the_nested_key(tmp_path):
+    """A value of the wrong type deep in the config is reported at its full key with what was
+    expected, not as jsonargparse's nested Union dump."""
+    out = noisecls("fit", "--config", TOY, "--model.init_args.predict.num_samples", "all",
+                   cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2
+    line = one_error_line(out.stderr)
+    assert "model.predict.num_samples: expected <class 'int'> or typing.Literal['train']" in line
+    assert "got all" in line and "Union" not in line
+
+
 def test_missing_data_directory_is_one_line(tmp_path):
     out = noisecls(
         "fit", "--config", str(ROOT / "experiments" / "ddm_cifar10.yaml"),
