@@ -368,11 +368,13 @@ class DG(DiffusionModule):
             return run_sampler(config, first, x, sigmas, generator=generator, cond=cond)
         predictor = CountingDenoiser(first)
         corrector = CountingDenoiser(self.guided_denoiser(g.second_order_weight, boost=False))
-        churn = boosted_churn(first, g.boost_churn, g.boost_churn_period)
+        churn = (
+            boosted_churn(first, g.boost_churn, g.boost_churn_period) if g.boosts_churn() else None
+        )
         out = sample_heun(
             predictor, x, sigmas, s_churn=config.s_churn, s_tmin=config.s_tmin,
             s_tmax=config.s_tmax, s_noise=config.s_noise, corrector=corrector,
-            churn_override=churn if g.boosts_churn() else None, generator=generator, cond=cond,
+            churn_override=churn, generator=generator, cond=cond,
         )  # fmt: skip
         return out, predictor.nfe + corrector.nfe
 
@@ -394,9 +396,8 @@ class DG(DiffusionModule):
             features, features.state_dict(), dataset, self.vp_schedule, self.t_min,
             self.feature_cache, self.seed, self.class_conditional, self.device,
         )  # fmt: skip
-        strategy = self.trainer.strategy
         self.cached_features = builder.build(
-            self.global_rank, self.trainer.world_size, lambda name: strategy.barrier(name)
+            self.global_rank, self.trainer.world_size, self.trainer.strategy.barrier
         )
 
     def cached_logits(
