@@ -39,7 +39,7 @@ from noisecls.callbacks.results import (
     split_batch,
     wandb_loggers,
 )
-from noisecls.methods.base import derive_seed
+from noisecls.randomness import derive_seed
 
 __all__ = ["DEFAULT_SIGMAS", "DenoisingMSECallback", "sigma_key"]
 

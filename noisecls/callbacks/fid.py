@@ -60,7 +60,7 @@ from noisecls.callbacks.results import (
     should_evaluate,
     split_batch,
 )
-from noisecls.methods.base import derive_seed
+from noisecls.randomness import derive_seed
 from noisecls.samplers import SamplerConfig
 
 __all__ = ["FIDCallback", "RealStatistics"]

@@ -47,7 +47,7 @@ from noisecls.callbacks.results import (
 )
 from noisecls.denoisers import CountingDenoiser
 from noisecls.likelihood import dequantize, nll_to_bits_per_dim
-from noisecls.methods.base import derive_seed
+from noisecls.randomness import derive_seed
 
 __all__ = ["NLLCallback"]
 

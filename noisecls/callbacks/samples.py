@@ -42,7 +42,7 @@ from noisecls.callbacks.results import (
     should_evaluate,
 )
 from noisecls.errors import NoiseclsError
-from noisecls.methods.base import derive_seed
+from noisecls.randomness import derive_seed
 from noisecls.samplers import SamplerConfig
 
 __all__ = ["SampleGridCallback", "SampleWriter", "image_grid", "save_png", "scatter_figure"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +21,7 @@ from noisecls.denoisers import Denoiser
 from noisecls.errors import NoiseclsError
 from noisecls.likelihood import ddpm_elbo_nll, ode_log_likelihood
 from noisecls.process.schedules import DiscreteSchedule, NoiseSchedule
+from noisecls.randomness import StepGenerator, derive_seed
 from noisecls.samplers import SamplerConfig, run_sampler
 
 
@@ -66,12 +67,54 @@ class NonFiniteLossError(NoiseclsError):
     """Training produced a NaN or infinite loss."""
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (base seed, step, rank, ...), stable across runs."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
-    return h
+class SharedFactory:
+    """An optimizer / LR-scheduler factory from the config, shared (not copied) by deep copies.
+
+    LightningCLI hands the module a jsonargparse partial whose instantiator refers back to the
+    CLI, and so to the trainer and, under DDP, to the launcher's process handles (a lock):
+    ``EMAWeightAveraging`` deep-copies the module into its ``AveragedModel`` and would copy (or,
+    under DDP, fail to copy) all of that. A factory is configuration, not state, so the copy
+    shares it.
+    """
+
+    def __init__(self, factory: Callable) -> None:
+        self.factory = factory
+
+    def __call__(self, *args, **kwargs):
+        return self.factory(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> SharedFactory:
+        return self
+
+
+class RankDisagreementError(NoiseclsError):
+    """DDP ranks hold different model state at the start of training."""
+
+
+def tensor_fingerprint(t: Tensor) -> Tensor:
+    """[3] float64: sum, sum of squares and a position-weighted sum of t's entries (equal tensors
+    give equal fingerprints; a changed entry almost surely changes one of them)."""
+    flat = t.detach().reshape(-1).to(torch.float64)
+    weights = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
+    return torch.stack([flat.sum(), flat.square().sum(), (weights * flat).sum()])
+
+
+def check_ranks_agree(named: dict[str, Tensor], all_gather: Callable[[Tensor], Tensor]) -> None:
+    """Raise :class:`RankDisagreementError` naming the tensors on which a rank differs from rank
+    0. ``all_gather`` maps this rank's [k, 3] fingerprints to every rank's [W, k, 3]."""
+    if not named:
+        return
+    mine = torch.stack([tensor_fingerprint(t).cpu() for t in named.values()])
+    every = all_gather(mine).cpu()
+    differs = (every != every[:1]).any(dim=2)  # [W, k]
+    if differs.any():
+        names = [name for name, bad in zip(named, differs.any(dim=0).tolist(), strict=True) if bad]
+        ranks = differs.any(dim=1).nonzero().flatten().tolist()
+        raise RankDisagreementError(
+            f"DDP ranks {ranks} start training with different {', '.join(names[:5])} than rank 0: "
+            "state built at setup must not depend on the rank (seed it, or build it on rank 0 "
+            "and broadcast it)"
+        )
 
 
 class DiffusionModule(L.LightningModule):
@@ -107,8 +150,10 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.schedule = schedule
         self.sampler = sampler or SamplerConfig()
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory = SharedFactory(optimizer) if optimizer is not None else None
+        self.lr_scheduler_factory = (
+            SharedFactory(lr_scheduler) if lr_scheduler is not None else None
+        )
         self.data_shape = tuple(data_shape) if data_shape is not None else None
         self.seed = seed
         self.predict_config = predict or PredictConfig()
@@ -196,16 +241,32 @@ class DiffusionModule(L.LightningModule):
                 "pass the config of the method that wrote it"
             )
 
+    def rank_invariant_state(self) -> dict[str, Tensor]:
+        """Tensors every DDP rank must hold identically to train as one: the parameters and
+        buffers (DDP broadcasts them from rank 0 at wrap time; checked here so that a rank that
+        rebuilds them later is caught) and state kept outside them (e.g. CDL's reference)."""
+        return dict(self.state_dict())
+
+    def on_train_start(self) -> None:
+        """Under DDP, check that every rank starts from the same state (one-line error)."""
+        if self.trainer.world_size > 1:
+            check_ranks_agree(self.rank_invariant_state(), self.all_gather)
+
     # ---- training ------------------------------------------------------------------------
-    def step_generator(self, *salt: int) -> torch.Generator:
-        """Generator seeded by (seed, global step, rank, salt): reproducible and resumable."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(derive_seed(self.seed, self.global_step, self.global_rank, *salt))
-        return g
+    def step_generator(self, *salt: int) -> StepGenerator:
+        """This step's generator, seeded by (seed, global step, salt) and the same on every rank:
+        per-example draws go through :func:`noisecls.randomness.per_example`, so the noise does
+        not depend on the number of ranks (reproducible, resumable)."""
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        return StepGenerator(
+            self.device, derive_seed(self.seed, self.global_step, *salt),
+            rank=self.global_rank, world_size=world_size,
+        )  # fmt: skip
 
     def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
         """Reseed the global RNG (dropout, any unseeded draw) from (seed, step, rank), so a
-        resumed run reproduces the uninterrupted one."""
+        resumed run reproduces the uninterrupted one (dropout masks do depend on the rank
+        count: a 2-process run matches a 1-process one only for nets without dropout)."""
         torch.manual_seed(derive_seed(self.seed, self.global_step, self.global_rank, 7))
 
     def class_labels(self, labels: Tensor | None) -> Tensor | None:

@@ -39,6 +39,7 @@ from noisecls.likelihood.itd import (
 from noisecls.methods.base import PredictConfig
 from noisecls.methods.ddm import DDM
 from noisecls.process.schedules import NoiseSchedule, broadcast_like
+from noisecls.randomness import StepGenerator
 from noisecls.samplers import SamplerConfig
 
 
@@ -207,6 +208,17 @@ class CDL(DDM):
                 "eigenvectors": None if ref.eigenvectors is None else ref.eigenvectors.cpu(),
             }
 
+    def rank_invariant_state(self) -> dict[str, Tensor]:
+        """Parameters and buffers, and the Gaussian reference (fitted on every rank from the
+        same training split, outside DDP's broadcast)."""
+        state = super().rank_invariant_state()
+        ref = self._reference
+        if ref is not None:
+            state["reference.mean"], state["reference.eigenvalues"] = ref.mean, ref.eigenvalues
+            if ref.eigenvectors is not None:
+                state["reference.eigenvectors"] = ref.eigenvectors
+        return state
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("cdl_reference")
@@ -277,9 +289,9 @@ class CDL(DDM):
         if self.cdl_weight == 0:
             return denoise, extras
         n = min(self.cdl_examples, x0.shape[0])
-        cdl, accuracy = self.contrastive_loss(
-            x0[:n], None if labels is None else labels[:n], generator
-        )
+        # The contrastive examples are the first n of each rank's batch: their noise is per rank.
+        local = generator.rank_local(1) if isinstance(generator, StepGenerator) else generator
+        cdl, accuracy = self.contrastive_loss(x0[:n], None if labels is None else labels[:n], local)
         total = denoise + self.cdl_weight * cdl.to(denoise.dtype)
         return total, {
             **extras,

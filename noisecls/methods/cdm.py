@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from noisecls.denoisers import CDMDenoiser, Denoiser, GuidedDenoiser
 from noisecls.errors import NoiseclsError
 from noisecls.likelihood import cdm_log_likelihood, dequantize, nll_to_bits_per_dim
-from noisecls.methods.base import DiffusionModule, PredictConfig, derive_seed
+from noisecls.methods.base import DiffusionModule, PredictConfig
 from noisecls.process.schedules import DiscreteSchedule
+from noisecls.randomness import derive_seed, per_example, randn_per_example
 from noisecls.samplers import SamplerConfig
 
 
@@ -136,15 +137,23 @@ class CDM(DiffusionModule):
         the unconditional branch that guidance subtracts is trained."""
         if labels is None or not self.training or self.label_dropout == 0:
             return labels
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device)
+        drop = per_example(
+            generator,
+            labels.shape[0],
+            lambda m: torch.rand(m, generator=generator, device=labels.device),
+        )
         return torch.where(drop < self.label_dropout, self.num_classes, labels)
 
     def training_loss(
         self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
         n, num_levels = x0.shape[0], self.model.num_levels
-        level = torch.randint(0, num_levels + 2, (n,), generator=generator, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        level = per_example(
+            generator,
+            n,
+            lambda m: torch.randint(0, num_levels + 2, (m,), generator=generator, device=x0.device),
+        )
+        eps = randn_per_example(x0, generator)
         x_t = self.model.add_noise(x0, level, eps)
         labels = self.drop_labels(labels, generator)
         extras: dict[str, Tensor] = {}

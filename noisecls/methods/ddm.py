@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from noisecls.denoisers import EDMDenoiser, PredictionDenoiser, TrainableDenoiser
 from noisecls.methods.base import DiffusionModule, PredictConfig
 from noisecls.process.schedules import EDMSchedule, NoiseSchedule, broadcast_like
+from noisecls.randomness import per_example, randn_per_example
 from noisecls.samplers import SamplerConfig
 
 
@@ -66,9 +67,13 @@ class DDM(DiffusionModule):
 
     def noisy_batch(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """(x, sigma, eps) with x = x0 + sigma·eps at training sigmas drawn from the schedule."""
-        t = self.schedule.sample_training_t(x0.shape[0], generator=generator, device=x0.device)
+        t = per_example(
+            generator,
+            x0.shape[0],
+            lambda m: self.schedule.sample_training_t(m, generator=generator, device=x0.device),
+        )
         sigma = self.schedule.ve_sigma(t)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = randn_per_example(x0, generator)
         return x0 + broadcast_like(sigma, x0) * eps, sigma, eps
 
     def training_loss(

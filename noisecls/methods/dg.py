@@ -27,9 +27,10 @@ from noisecls.denoisers import (
     TrainableDenoiser,
 )
 from noisecls.errors import NoiseclsError
-from noisecls.methods.base import DiffusionModule, PredictConfig, derive_seed
+from noisecls.methods.base import DiffusionModule, PredictConfig
 from noisecls.methods.dg_features import FeatureCache, FeatureCacheBuilder, FeatureCacheConfig
 from noisecls.process.schedules import LogSNRSchedule, broadcast_like
+from noisecls.randomness import derive_seed, per_example, randn_per_example
 from noisecls.samplers import SamplerConfig, run_sampler, sample_heun
 
 
@@ -407,7 +408,11 @@ class DG(DiffusionModule):
         training split), the draw chosen uniformly with ``generator``."""
         cache = self.cached_features
         assert cache is not None
-        draw = torch.randint(cache.draws, index.shape, generator=generator, device=self.device)
+        draw = per_example(
+            generator,
+            index.shape[0],
+            lambda m: torch.randint(cache.draws, (m,), generator=generator, device=self.device),
+        )
         h, t = cache.lookup(index, draw, self.device)
         return self.discriminator.classify(h, t, labels), t
 
@@ -415,7 +420,7 @@ class DG(DiffusionModule):
         self, x0: Tensor, t: Tensor, class_labels: Tensor | None, generator: torch.Generator
     ) -> Tensor:
         """Logits [B] at x_t = alpha(t)·x0 + sigma(t)·eps (fresh eps from ``generator``)."""
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = randn_per_example(x0, generator)
         x_t = self.vp_schedule.add_noise(x0, t.to(x0.device), eps)
         return self.discriminator(x_t, t, class_labels)
 
@@ -437,8 +442,12 @@ class DG(DiffusionModule):
         importance-sampled times, and the accuracy."""
         if is_real is None:
             is_real = torch.ones(x0.shape[0], device=x0.device)
-        t = self.vp_schedule.sample_t_uniform_log_snr(
-            x0.shape[0], self.t_min, generator=generator, device=x0.device
+        t = per_example(
+            generator,
+            x0.shape[0],
+            lambda m: self.vp_schedule.sample_t_uniform_log_snr(
+                m, self.t_min, generator=generator, device=x0.device
+            ),
         )
         logits = self.discriminator_logits(x0, t, labels, generator)
         loss, accuracy = self.classification(logits, is_real)

@@ -41,8 +41,8 @@ from noisecls.callbacks.features import default_cache_dir, state_dict_sha256
 from noisecls.data.base import collate_pairs
 from noisecls.data.fake import split_targets
 from noisecls.errors import NoiseclsError
-from noisecls.methods.base import derive_seed
 from noisecls.process.schedules import LogSNRSchedule
+from noisecls.randomness import derive_seed
 
 __all__ = ["FeatureCache", "FeatureCacheBuilder", "FeatureCacheConfig"]
 

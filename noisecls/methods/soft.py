@@ -31,6 +31,7 @@ from noisecls.data.base import collate_pairs
 from noisecls.errors import NoiseclsError
 from noisecls.methods.base import DiffusionModule, PredictConfig
 from noisecls.process.blur import BlurNoiseProcess, TerminalPrior, dct_spectrum
+from noisecls.randomness import per_example, randn_per_example
 from noisecls.samplers.momentum import SoftSamplerConfig, run_soft_sampler
 
 __all__ = ["SoftDenoiser", "SoftDiffusion", "SoftPredictor", "soft_score_matching_loss"]
@@ -140,8 +141,12 @@ class SoftDiffusion(DiffusionModule):
     def training_loss(
         self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        t = self.process.sample_training_t(x0.shape[0], generator=generator, device=x0.device)
-        eta = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = per_example(
+            generator,
+            x0.shape[0],
+            lambda m: self.process.sample_training_t(m, generator=generator, device=x0.device),
+        )
+        eta = randn_per_example(x0, generator)
         x_t = self.process.corrupt(x0, t, eta)
         x0_hat = self.predictor()(x_t, t)
         return soft_score_matching_loss(x0_hat, x0, t, self.process), {}
