@@ -6,6 +6,7 @@ validations during ``fit`` (with EMA weights) and once in ``validate`` / ``test`
 """
 
 from noisecls.callbacks.denoising import DEFAULT_SIGMAS, DenoisingMSECallback
+from noisecls.callbacks.ema import EMAWeightAveraging
 from noisecls.callbacks.features import (
     DigitsFeatures,
     FeatureExtractor,
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_SIGMAS",
     "DenoisingMSECallback",
     "DigitsFeatures",
+    "EMAWeightAveraging",
     "FIDCallback",
     "FeatureExtractor",
     "FlattenFeatures",
