@@ -27,6 +27,11 @@ results come back in the input's dtype and device, and all operations are differ
 ``DCTGaussian`` is Soft Diffusion's oracle: Gaussian data whose covariance is diagonal in the
 orthonormal DCT basis, corrupted by a DCT-domain blur plus noise, where every quantity is
 per-frequency and closed-form (``log_prob``, ``score``, ``posterior_mean``).
+
+``DequantizedLattice`` is the pixel-like oracle: independent dimensions, each K-level data with
+uniform dequantization (some dimensions constant, like the digits' borders), whose exact log
+density, noisy log density and MMSE denoiser (truncated-normal means) are closed-form — the
+ground truth of the likelihood estimators on image-like data.
 """
 
 from __future__ import annotations
@@ -743,3 +748,131 @@ class DCTGaussian:
         m = self.basis()
         cov = m.T @ (self.variance.reshape(-1, 1) * m)
         return GaussianMixture.gaussian(m.T @ self.mean.reshape(-1), 0.5 * (cov + cov.T))
+
+
+# ---- dequantized lattice data (pixel-like) ----------------------------------------------------
+def _log_normal_cdf_difference(alpha: Tensor, beta: Tensor) -> Tensor:
+    """log(Phi(beta) - Phi(alpha)) for alpha < beta, stable in both tails (float64)."""
+    upper = alpha + beta > 0  # both mostly in the upper tail: use the mirrored difference
+    hi = torch.where(upper, torch.special.log_ndtr(-alpha), torch.special.log_ndtr(beta))
+    lo = torch.where(upper, torch.special.log_ndtr(-beta), torch.special.log_ndtr(alpha))
+    z = (lo - hi).clamp(max=-1e-300)  # log of the ratio, < 0
+    log1mexp = torch.where(z > -math.log(2), torch.log(-torch.expm1(z)), torch.log1p(-torch.exp(z)))
+    return hi + log1mexp
+
+
+class DequantizedLattice:
+    """Product over D dimensions of dequantized lattice distributions: pixel-like exact oracle.
+
+    Dimension d takes bin j of K equal bins of [low, high] (width h = (high - low) / K) with
+    probability ``probs[d, j]`` and is uniform inside it — K-level data with uniform
+    dequantization; a dimension with one non-zero probability is a constant pixel (like the
+    digits' borders). In sigma space (y = x + sigma·eps) every quantity factorises over
+    dimensions and is closed-form per bin [a_j, b_j], with alpha = (a_j - y)/sigma,
+    beta = (b_j - y)/sigma:
+
+    * noisy density p_sigma(y_d) = sum_j probs_j·(Phi(beta) - Phi(alpha)) / h (p_t(x) =
+      prod_d p_sigma(y_d) / a^D);
+    * MMSE denoiser E[x_d | y] = sum_j r_j·(y_d + sigma·(phi(alpha) - phi(beta)) /
+      (Phi(beta) - Phi(alpha))), r_j ∝ probs_j·(Phi(beta) - Phi(alpha)) (truncated-normal means);
+    * clean density p(x_d) = probs_{j(x_d)} / h.
+
+    Args:
+        probs: [D, K] bin probabilities (rows sum to 1; zeros allowed).
+        low, high: the data range (default [-1, 1], the project's pixel range).
+    """
+
+    def __init__(self, probs: Tensor, low: float = -1.0, high: float = 1.0) -> None:
+        probs = probs.to(torch.float64)
+        if probs.ndim != 2 or (probs < 0).any():
+            raise ValueError("probs must be a non-negative [D, K] tensor")
+        if not torch.allclose(probs.sum(1), torch.ones(probs.shape[0], dtype=torch.float64)):
+            raise ValueError("each row of probs must sum to 1")
+        if not low < high:
+            raise ValueError(f"need low < high, got [{low}, {high}]")
+        self.probs, self.low, self.high = probs, float(low), float(high)
+        self.width = (self.high - self.low) / probs.shape[1]
+        self.edges = self.low + self.width * torch.arange(probs.shape[1] + 1, dtype=torch.float64)
+
+    @property
+    def dim(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def num_bins(self) -> int:
+        return self.probs.shape[1]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n dequantized samples [n, D] (float64): a bin per dimension, then uniform inside it."""
+        bins = torch.multinomial(self.probs, n, replacement=True, generator=generator).T
+        u = torch.rand(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.low + self.width * (bins + u)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p(x) in nats [N] of x [N, D] (-inf outside the support)."""
+        x = x.to(torch.float64)
+        bins = torch.floor((x - self.low) / self.width).long()
+        inside = (bins >= 0) & (bins < self.num_bins)
+        p = self.probs.gather(1, bins.clamp(0, self.num_bins - 1).T).T  # [N, D]
+        log_p = torch.where(inside, p.log() - math.log(self.width), -math.inf)
+        return log_p.sum(1)
+
+    def _scales(self, x: Tensor, a: ScaleLike, s: ScaleLike) -> tuple[Tensor, Tensor]:
+        """Per-sample (a [N], s [N]) float64 on x's device."""
+        n = x.shape[0]
+        a = torch.as_tensor(a, dtype=torch.float64, device=x.device).reshape(-1).expand(n)
+        s = torch.as_tensor(s, dtype=torch.float64, device=x.device).reshape(-1).expand(n)
+        if (a <= 0).any() or (s <= 0).any():
+            raise ValueError("the lattice's noisy quantities need a > 0 and s > 0")
+        return a, s
+
+    def _bin_terms(self, y: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(log mass_j [N, D, K], alpha, beta [N, D, K]) of y [N, D] (sigma space) at sigma [N]:
+        mass_j = Phi(beta) - Phi(alpha), the chance that y - sigma·eps lies in bin j."""
+        s = sigma.reshape(-1, 1, 1)
+        y3 = y.unsqueeze(-1)
+        alpha = (self.edges[:-1].to(y3.device) - y3) / s
+        beta = (self.edges[1:].to(y3.device) - y3) / s
+        return _log_normal_cdf_difference(alpha, beta), alpha, beta
+
+    def noisy_log_prob(self, x: Tensor, a: ScaleLike, s: ScaleLike) -> Tensor:
+        """log p_t(x) [N] of x = a·x0 + s·eps, x [N, D], a > 0, s > 0 (scalars or [N])."""
+        a, s = self._scales(x, a, s)
+        y = x.to(torch.float64) / a[:, None]
+        log_mass, _, _ = self._bin_terms(y, s / a)
+        log_w = self.probs.log().to(log_mass.device) + log_mass
+        per_dim = torch.logsumexp(log_w, dim=-1) - math.log(self.width)
+        return per_dim.sum(1) - self.dim * a.log()
+
+    def posterior_mean(self, x: Tensor, a: ScaleLike, s: ScaleLike) -> Tensor:
+        """E[x0 | x] [N, D] (x's dtype) for x = a·x0 + s·eps, a > 0, s > 0."""
+        a, s = self._scales(x, a, s)
+        y, sigma = x.to(torch.float64) / a[:, None], s / a
+        log_mass, alpha, beta = self._bin_terms(y, sigma)
+        r = torch.softmax(self.probs.log().to(log_mass.device) + log_mass, dim=-1)
+        # truncated-normal mean of N(y, sigma²) on bin j: y + sigma·(phi(alpha) - phi(beta))/mass
+        log_phi0 = -0.5 * _LOG_2PI
+        mills = torch.exp(log_phi0 - 0.5 * alpha**2 - log_mass) - torch.exp(
+            log_phi0 - 0.5 * beta**2 - log_mass
+        )
+        edges = self.edges.to(y.device)
+        mean_in_bin = (y.unsqueeze(-1) + sigma.reshape(-1, 1, 1) * mills).clamp(
+            edges[:-1], edges[1:]
+        )
+        return (r * mean_in_bin).sum(-1).to(x.dtype)
+
+    def denoiser(self) -> LatticeDenoiser:
+        """The exact MMSE denoiser D(x, sigma) in sigma space."""
+        return LatticeDenoiser(self)
+
+
+class LatticeDenoiser:
+    """Denoiser protocol over a :class:`DequantizedLattice`: D(x [B, ...], sigma [B]) = E[x0|x]
+    (inputs flattened to [B, D] and reshaped back)."""
+
+    def __init__(self, lattice: DequantizedLattice) -> None:
+        self.lattice = lattice
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Tensor | None) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        return self.lattice.posterior_mean(flat, 1.0, sigma).reshape(x.shape)

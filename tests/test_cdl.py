@@ -5,6 +5,7 @@ checkpoint, and `noisecls fit --config experiments/cdl_toy.yaml` trains on CPU."
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -81,9 +82,11 @@ def oracle_cdl(gm, schedule, prediction, reference_of=None, **kwargs) -> CDL:
 @pytest.mark.parametrize(("schedule", "prediction"), PARAMETERISATIONS, ids=IDS)
 def test_oracle_noise_classifier_logit_is_the_log_density_ratio(schedule, prediction):
     """With an exact denoiser behind each adapter, log p(u) - log p_zeta(u) and log p(x) from
-    the CDL module match the analytic values (Monte Carlo tolerance at 256 points)."""
+    the CDL module match the analytic values of the densities smoothed at the schedule's
+    sigma_min (Monte Carlo tolerance at 256 points)."""
     gm = mixture()
     model = oracle_cdl(gm, schedule, prediction)
+    sigma_min = math.exp(-model.log_snr_limits()[1] / 2)
     g = torch.Generator().manual_seed(0)
     x, _ = gm.sample(100, generator=g, dtype=torch.float64)
     zeta = torch.linspace(-2.0, 3.0, 100, dtype=torch.float64)
@@ -91,7 +94,10 @@ def test_oracle_noise_classifier_logit_is_the_log_density_ratio(schedule, predic
     noisy = s.sqrt()[:, None] * x + (1 - s).sqrt()[:, None] * torch.randn(x.shape, generator=g)
     u = torch.cat([x, noisy])
     zeta2, s2 = zeta.repeat(2), s.repeat(2)
-    exact = gm.log_prob(u) - gm.noisy_log_prob(u, s2.sqrt(), (1 - s2).sqrt())
+    # smoothing u ~ p_zeta at sigma_min adds sigma_min² to its noise variance
+    exact = gm.noisy_log_prob(u, 1.0, sigma_min) - gm.noisy_log_prob(
+        u, s2.sqrt(), (1 - s2 + sigma_min**2).sqrt()
+    )
     with torch.no_grad():
         logit = model.noise_classifier_logit(u, zeta2, num_points=256, generator=g)
     err = logit - exact
@@ -103,7 +109,7 @@ def test_oracle_noise_classifier_logit_is_the_log_density_ratio(schedule, predic
     assert bayes > 0.6
     assert abs(float(((logit > 0) == clean).double().mean()) - bayes) <= 0.05
     ll = model.log_likelihood(x, num_points=256, generator=g)
-    ll_rmse = float((ll - gm.log_prob(x)).pow(2).mean().sqrt())
+    ll_rmse = float((ll - gm.noisy_log_prob(x, 1.0, sigma_min)).pow(2).mean().sqrt())
     assert ll_rmse < 0.35, ll_rmse
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from noisecls.likelihood.itd import (
+    SMOOTHED_TAIL,
     GaussianReference,
     ITDConfig,
     itd_integration_draws,
@@ -203,4 +204,15 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(ValueError, match="dimensions"):
         itd_log_likelihood(gm.denoiser(), torch.zeros(2, 3), ref)
     with pytest.raises(ValueError, match="empty"):
-        itd_log_snr_range(ITDConfig(loc=30.0, scale=1.0), ref, limits=(-10.0, 10.0))
+        itd_log_snr_range(ITDConfig(), ref, limits=(25.0, 10.0))
+
+
+def test_a_network_range_is_covered_not_truncated():
+    """With a network's log-SNR range (a_min, a_max) the integral runs over [a_min, a_max +
+    SMOOTHED_TAIL] (the smoothed density; the network is never called above a_max), whatever the
+    importance distribution: a loc outside the range shifts the sampling, not the range."""
+    gm = mixture()
+    ref = GaussianReference.fit(gm.mean(), gm.covariance(), min_eigenvalue=1e-6)
+    for config in (ITDConfig(), ITDConfig(loc=30.0, scale=1.0)):
+        _, _, low, high = itd_log_snr_range(config, ref, limits=(-10.1, 9.2))
+        assert (low, high) == (-10.1, 9.2 + SMOOTHED_TAIL)

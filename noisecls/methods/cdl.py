@@ -242,13 +242,16 @@ class CDL(DDM):
         generator: torch.Generator | None = None,
         class_labels: Tensor | None = None,
     ) -> Tensor:
-        """log p(u) - log p_zeta(u) [N] for points u [N, ...] and zeta [N] (float64).
+        """log p(u) - log p_zeta(u) [N] for points u [N, ...] and zeta [N] (float64), both
+        densities smoothed at the schedule's sigma_min (``itd.py``: the network is never called
+        above its log-SNR range, and the integral covers every zeta).
 
         The two ITD estimates share their log-SNR draws and channel noise and run in one
         denoiser call of 2·N·num_points rows.
         """
         ref = self.reference
-        loc, scale, low, high = itd_log_snr_range(self.itd, ref, self.log_snr_limits())
+        limits = self.log_snr_limits()
+        loc, scale, low, high = itd_log_snr_range(self.itd, ref, limits)
         a, w, eps = itd_integration_draws(u, num_points, loc, scale, low, high, generator)
         clean = torch.full_like(zeta, math.inf, dtype=torch.float64)
         cond = {"class_labels": class_labels.repeat(2)} if class_labels is not None else None
@@ -256,7 +259,7 @@ class CDL(DDM):
             self.denoiser(), torch.cat([u, u]), ref, a.repeat(2, 1), w.repeat(2, 1),
             eps.repeat(2, *[1] * (eps.ndim - 1)),
             data_log_snr=torch.cat([clean, zeta.to(torch.float64)]),
-            control_variate=self.itd.control_variate, cond=cond,
+            log_snr_limits=limits, control_variate=self.itd.control_variate, cond=cond,
         )  # fmt: skip
         log_p, log_p_zeta = both.chunk(2)
         return log_p - log_p_zeta
