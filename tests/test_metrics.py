@@ -493,3 +493,26 @@ def test_results_file_and_wandb_table(mixture_data: ToyDataModule, tmp_path: Pat
     logged = json.loads(tables[0].read_text())
     assert logged["columns"] == ["metric", "value", "samples", "sampler", "NFE", "seconds"]
     assert [row[0] for row in logged["data"]] == [r["metric"] for r in payload["records"]]
+
+
+def test_denoising_mse_off_the_distribution_scales_the_input_noise() -> None:
+    """noise_scale m: the input is x0 + m·sigma·eps while the denoiser is told sigma; with the
+    identity denoiser the MSE is then (m·sigma)² per element, and the curve has its own name."""
+    from noisecls.callbacks import DenoisingMSECallback
+
+    x0 = torch.zeros(4096, 2, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    told = []
+
+    def identity(x, sigma):
+        told.append(float(sigma[0]))
+        return x
+
+    for scale in (1.0, 1.5):
+        callback = DenoisingMSECallback(sigmas=[0.5, 2.0], noise_scale=scale)
+        mse = callback._errors(identity, x0, eps, callback.sigmas, {}).mean(0)
+        expected = torch.tensor([0.5, 2.0], dtype=torch.float64) ** 2 * scale**2
+        torch.testing.assert_close(mse, expected * eps.pow(2).mean(), rtol=1e-12, atol=0)
+    assert told == [0.5, 2.0, 0.5, 2.0]
+    with pytest.raises(ValueError, match="noise_scale"):
+        DenoisingMSECallback(noise_scale=0.0)

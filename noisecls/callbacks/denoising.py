@@ -7,6 +7,11 @@ noise eps of global batch b is drawn once from ``derive_seed(seed, b)`` and shar
 DataModule has an ``.oracle`` (a :class:`~noisecls.oracles.GaussianMixture`), its exact MMSE
 denoiser is evaluated on the same x: that curve is the lower bound.
 
+Out of distribution (CDL's claim): with ``noise_scale`` m != 1 the input is x0 + m·sigma·eps but
+the denoiser is told sigma — a noisy point off the distribution it was trained on at that level —
+and the curves are named ``denoise_mse_x<m>`` (the oracle's is still the exact E[x0 | x] at the
+stated sigma, i.e. the best a denoiser told the wrong level can do: not a lower bound here).
+
 Logged per level: ``val/denoise_mse/sigma=<s>`` and ``val/denoise_mse_oracle/sigma=<s>``
 (``test/...`` in test); a table (W&B Table with a WandbLogger; always a CSV in
 ``<log dir>/denoising_mse/``) and a log-log plot (PNG next to the CSV; W&B image when available).
@@ -79,7 +84,11 @@ class DenoisingMSECallback(EvaluationCallback):
         batch_size: int = 256,
         seed: int = 0,
         plot: bool = True,
+        noise_scale: float = 1.0,
     ) -> None:
+        if noise_scale <= 0:
+            raise ValueError(f"DenoisingMSECallback needs noise_scale > 0, got {noise_scale}")
+        self.noise_scale = float(noise_scale)
         self.sigmas = [float(s) for s in (sigmas if sigmas is not None else DEFAULT_SIGMAS)]
         if not self.sigmas or min(self.sigmas) <= 0:
             raise ValueError("DenoisingMSECallback needs positive sigmas")
@@ -99,13 +108,15 @@ class DenoisingMSECallback(EvaluationCallback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module)
 
-    @staticmethod
-    def _errors(denoiser: Any, x0: Tensor, eps: Tensor, sigmas: list[float], cond: dict) -> Tensor:
-        """Per-example MSE [B, S] of ``denoiser`` at each sigma (float64)."""
+    def _errors(
+        self, denoiser: Any, x0: Tensor, eps: Tensor, sigmas: list[float], cond: dict
+    ) -> Tensor:
+        """Per-example MSE [B, S] of ``denoiser`` at each sigma (float64), input noise
+        ``noise_scale``·sigma."""
         cols = []
         for s in sigmas:
             sigma = torch.full((x0.shape[0],), s, device=x0.device, dtype=x0.dtype)
-            out = denoiser(x0 + s * eps, sigma, **cond)
+            out = denoiser(x0 + self.noise_scale * s * eps, sigma, **cond)
             err = (out.detach().to(torch.float64) - x0.to(torch.float64)) ** 2
             cols.append(err.reshape(x0.shape[0], -1).mean(1))
         return torch.stack(cols, dim=1)
@@ -153,7 +164,8 @@ class DenoisingMSECallback(EvaluationCallback):
         oracle_mse = means[S:].tolist() if oracle is not None else None
         per_rank = rank_counts(trainer, local_count, device)
         prefix = metric_prefix(trainer)
-        curves = {"denoise_mse": mse} | ({"denoise_mse_oracle": oracle_mse} if oracle_mse else {})
+        stem = "denoise_mse" if self.noise_scale == 1 else f"denoise_mse_x{self.noise_scale:g}"
+        curves = {stem: mse} | ({f"{stem}_oracle": oracle_mse} if oracle_mse else {})
         for name, values in curves.items():
             for s, value in zip(self.sigmas, values, strict=True):
                 key = f"{prefix}/{name}/{sigma_key(s)}"
@@ -170,7 +182,8 @@ class DenoisingMSECallback(EvaluationCallback):
         return result
 
     def _write(self, trainer: L.Trainer, out_dir: Path, prefix: str, result: dict) -> None:
-        stem = f"{prefix}_epoch{trainer.current_epoch:04d}_step{trainer.global_step:08d}"
+        scale = "" if self.noise_scale == 1 else f"_x{self.noise_scale:g}"
+        stem = f"{prefix}{scale}_epoch{trainer.current_epoch:04d}_step{trainer.global_step:08d}"
         columns = ["sigma", "mse"] + (["oracle_mse"] if result["oracle_mse"] is not None else [])
         rows = []
         for i, s in enumerate(result["sigmas"]):

@@ -70,6 +70,8 @@ class NLLCallback(EvaluationCallback):
         seed: base seed of dequantization noise and estimator randomness.
         dequantize: dequantize when the DataModule has ``num_bins`` (else always continuous).
         estimator_kwargs: further keyword arguments for ``log_likelihood`` (e.g. num_levels).
+        name: metric name stem: ``{stage}/{name}_bpd`` (give two callbacks different names to
+            log two estimators of one checkpoint, e.g. ``nll_itd`` and ``nll_ode``).
 
     Attributes:
         last_result: after each evaluation: bpd, nats_per_dim, count (examples, all ranks),
@@ -88,7 +90,10 @@ class NLLCallback(EvaluationCallback):
         seed: int = 0,
         dequantize: bool = True,
         estimator_kwargs: dict[str, Any] | None = None,
+        name: str = "nll",
     ) -> None:
+        if not name.isidentifier():
+            raise ValueError(f"NLLCallback name must be an identifier, got {name!r}")
         if batch_size < 1 or (num_samples is not None and num_samples < 1):
             raise ValueError("NLLCallback needs batch_size >= 1 and num_samples >= 1 (or None)")
         self.num_samples = num_samples
@@ -100,6 +105,7 @@ class NLLCallback(EvaluationCallback):
         self.seed = seed
         self.dequantize = dequantize
         self.estimator_kwargs = dict(estimator_kwargs or {})
+        self.name = name
         self.last_result: dict[str, Any] = {}
         self._warned = False
 
@@ -188,9 +194,9 @@ class NLLCallback(EvaluationCallback):
                             "local_count": local_count, "per_rank_count": per_rank, "nfe": nfe,
                             "seconds": watch.seconds}  # fmt: skip
         prefix = metric_prefix(trainer)
-        values = {"nll_bpd": bpd}
+        values = {f"{self.name}_bpd": bpd}
         if num_bins is None:
-            values["nll_nats_per_dim"] = nats
+            values[f"{self.name}_nats_per_dim"] = nats
         for name, value in values.items():
             pl_module.log(f"{prefix}/{name}", value, sync_dist=True)
             record_metric(trainer, f"{prefix}/{name}", value, samples=count,

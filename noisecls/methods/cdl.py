@@ -39,7 +39,7 @@ from noisecls.likelihood.itd import (
 from noisecls.methods.base import PredictConfig
 from noisecls.methods.ddm import DDM
 from noisecls.process.schedules import NoiseSchedule, broadcast_like
-from noisecls.randomness import StepGenerator
+from noisecls.randomness import StepGenerator, derive_seed
 from noisecls.samplers import SamplerConfig
 
 
@@ -85,13 +85,21 @@ class CDL(DDM):
 
     Args:
         net, schedule, prediction, class_conditional: as in ``DDM``.
-        cdl_weight: weight of L_CDL added to the denoising loss (0: plain DDM). L_CDL is a mean
-            cross-entropy whose logit is a difference of log-densities in nats (summed over the
-            D data dimensions) while the denoising loss is a per-element mean, so comparable
-            weights shrink like 1/D (see the experiments/cdl_*.yaml comments).
+        cdl_weight: weight of L_CDL added to the denoising loss (0: plain DDM), or "official":
+            the balance of the official code, w = 2·n / (B·R·D) for n contrastive examples in a
+            (per-rank) batch of B, D data dimensions and R the length of the ITD log-SNR range.
+            Derivation: the official loss is the ITD denoising loss in nats,
+            0.5·(1/B)·sum_b w_b·sum_pixels (eps - eps_hat)², whose importance weights w_b average
+            to the range length R, plus (1/B)·sum over the n examples of the cross-entropy:
+            ≈ 0.5·R·D·[mean_{b,pixels} (eps - eps_hat)² + 2n/(B·R·D)·mean_n CE]; ours is the
+            bracket (a per-element mean denoising loss + w·mean CE). For v / x0 / EDM targets
+            the per-element loss has another scale; the formula is kept (state your own weight
+            to change it). The official CIFAR-10 run: n = 2, B = 64, R = 24, D = 3072.
         cdl_examples: examples per batch that enter L_CDL (each gives a positive x and a
             negative x_zeta), the first ones of the batch.
         cdl_points: ITD log-SNR points per density estimate inside the loss.
+        eval_examples: held-out examples per validation / test batch whose pairs measure the
+            noise classifier (``val/cdl_loss``, ``val/cdl_accuracy``).
         zeta: distribution of the negatives' log-SNR.
         itd: ITD estimator options (importance distribution, reference) for the loss and for
             ``log_likelihood``; ``itd.num_points`` is the evaluation default.
@@ -103,15 +111,18 @@ class CDL(DDM):
     ``train_statistics()`` at setup, or ``set_reference``; it is saved in checkpoints.
     """
 
+    evaluation_hparams: tuple[str, ...] = ("sampler", "predict", "eval_examples")
+
     def __init__(
         self,
         net: nn.Module,
         schedule: NoiseSchedule,
         prediction: Literal["eps", "x0", "v", "edm"] = "eps",
         class_conditional: bool = False,
-        cdl_weight: float = 1.0,
+        cdl_weight: float | Literal["official"] = "official",
         cdl_examples: int = 2,
         cdl_points: int = 64,
+        eval_examples: int = 64,
         zeta: ZetaConfig | None = None,
         itd: ITDConfig | None = None,
         init_from: str | None = None,
@@ -127,9 +138,16 @@ class CDL(DDM):
             data_shape, seed, predict,
         )  # fmt: skip
         self.save_hyperparameters(ignore=["net"])
-        if cdl_weight < 0 or cdl_examples < 1 or cdl_points < 1:
-            raise ValueError("CDL needs cdl_weight >= 0, cdl_examples >= 1 and cdl_points >= 1")
+        weight_ok = cdl_weight == "official" or (
+            isinstance(cdl_weight, int | float) and cdl_weight >= 0
+        )
+        if not weight_ok or min(cdl_examples, cdl_points, eval_examples) < 1:
+            raise ValueError(
+                "CDL needs cdl_weight >= 0 (or 'official') and cdl_examples, cdl_points, "
+                "eval_examples >= 1"
+            )
         self.cdl_weight, self.cdl_examples, self.cdl_points = cdl_weight, cdl_examples, cdl_points
+        self.eval_examples = eval_examples
         self.zeta = zeta or ZetaConfig()
         self.itd = itd or ITDConfig()
         self.init_from = init_from
@@ -285,23 +303,78 @@ class CDL(DDM):
         accuracy = (sign * logit > 0).to(torch.float64).mean()
         return loss, accuracy
 
-    def training_loss(
+    def contrastive_weight(self, batch_size: int, num_examples: int) -> float:
+        """``cdl_weight``, with "official" resolved to 2·n / (B·R·D) (see the class docstring)."""
+        if self.cdl_weight != "official":
+            return float(self.cdl_weight)
+        _, _, low, high = itd_log_snr_range(self.itd, self.reference, self.log_snr_limits())
+        return 2 * num_examples / (batch_size * (high - low) * self.reference.dim)
+
+    def split_losses(
         self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> tuple[Tensor, Tensor | None, float, dict[str, Tensor]]:
+        """(denoising loss, L_CDL or None when the weight is 0, its weight, extras) of a batch."""
         denoise, extras = super().training_loss(x0, labels, generator)
-        if self.cdl_weight == 0:
-            return denoise, extras
         n = min(self.cdl_examples, x0.shape[0])
+        weight = self.contrastive_weight(x0.shape[0], n)
+        if weight == 0:
+            return denoise, None, weight, extras
         # The contrastive examples are the first n of each rank's batch: their noise is per rank.
         local = generator.rank_local(1) if isinstance(generator, StepGenerator) else generator
         cdl, accuracy = self.contrastive_loss(x0[:n], None if labels is None else labels[:n], local)
-        total = denoise + self.cdl_weight * cdl.to(denoise.dtype)
-        return total, {
-            **extras,
-            "denoise_loss": denoise.detach(),
-            "cdl_loss": cdl.detach(),
-            "cdl_accuracy": accuracy,
-        }
+        extras = {**extras, "denoise_loss": denoise.detach(), "cdl_loss": cdl.detach(),
+                  "cdl_accuracy": accuracy}  # fmt: skip
+        return denoise, cdl.to(denoise.dtype), weight, extras
+
+    def training_loss(
+        self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        denoise, cdl, weight, extras = self.split_losses(x0, labels, generator)
+        return (denoise if cdl is None else denoise + weight * cdl), extras
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The step, and at logging steps the ratio of the weighted CDL gradient's norm to the
+        denoising gradient's (``train/cdl_grad_ratio``: how much the contrastive term steers)."""
+        loss = super().training_step(batch, batch_idx)
+        interval = self.trainer.log_every_n_steps if self._trainer is not None else 0
+        if interval and (self.global_step + 1) % interval == 0:  # the steps Lightning logs
+            self.log("train/cdl_grad_ratio", self.gradient_ratio(batch))
+        return loss
+
+    def gradient_ratio(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """||grad(w·L_CDL)|| / ||grad L_denoise|| over the trainable parameters on this rank's
+        batch (its own noise draws; 0 when the weight is 0)."""
+        x0, labels = batch
+        params = [p for p in self.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            denoise, cdl, weight, _ = self.split_losses(
+                x0, self.class_labels(labels), self.step_generator(11)
+            )
+            if cdl is None:
+                return torch.zeros((), device=self.device)
+            norms = [
+                torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None))
+                for grads in (
+                    torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                    for term in (weight * cdl, denoise)
+                )
+            ]
+        return (norms[0] / norms[1].clamp_min(1e-30)).detach()
+
+    def evaluation_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
+        """The denoising loss as ``{stage}/loss`` (comparable with the DDM's), and the noise
+        classifier on held-out pairs: ``{stage}/cdl_loss`` and ``{stage}/cdl_accuracy`` (chance
+        0.5) on up to ``eval_examples`` examples of the batch, fixed noise per batch."""
+        x0, labels = batch
+        labels = self.class_labels(labels)
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_idx))
+        with torch.enable_grad():
+            denoise, _ = super().training_loss(x0, labels, g)
+        n = min(self.eval_examples, x0.shape[0])
+        with torch.no_grad():
+            cdl, accuracy = self.contrastive_loss(x0[:n], None if labels is None else labels[:n], g)
+        for name, value in (("loss", denoise), ("cdl_loss", cdl), ("cdl_accuracy", accuracy)):
+            self.log(f"{stage}/{name}", value.detach().float(), sync_dist=True, batch_size=n)
 
     @torch.no_grad()
     def log_likelihood(
