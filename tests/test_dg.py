@@ -471,3 +471,42 @@ def test_class_conditional_discriminator_sees_what_the_marginal_hides(tmp_path: 
         fit.fit(dg, datamodule=dm)
         accuracy[conditional] = float(fit.callback_metrics["val/acc_t0.00-0.25"])
     assert accuracy[True] > 0.9 and abs(accuracy[False] - 0.5) < 0.1, accuracy
+
+
+def test_dg_guides_with_the_sampler_that_wrote_the_fake_set(tmp_path: Path) -> None:
+    """The predict manifest records the fake set's sampler: DG takes it by default, refuses
+    another in one line unless allowed, and refuses weight boosting with the parallel sampler
+    (its denoiser would change between Picard sweeps)."""
+    from noisecls.methods.ddm import DDM
+
+    writer_sampler = SamplerConfig("ddim", 7)
+    module = OracleModule(WRONG, sampler=writer_sampler)
+    module.predict_config.num_samples = 600
+    trainer(tmp_path, callbacks=[SampleWriter(str(tmp_path / "fake"), grid_size=0)]).predict(
+        module, return_predictions=False
+    )
+    data = RealFakeDataModule(toy_data(), str(tmp_path / "fake"), batch_size=256)
+    assert SamplerConfig.from_record(data.fake_sampler()) == writer_sampler
+
+    def dg(**kwargs) -> DG:
+        score = DDM(ResidualMLP(dim=2, hidden=16, num_blocks=1), VP, data_shape=(2,),
+                    sampler=SamplerConfig("heun", 18))  # fmt: skip
+        net = ResidualMLP(dim=2, hidden=16, num_blocks=1, head=ScalarHead())
+        return DG(net, score_model=score, **kwargs)
+
+    validate = {"limit_val_batches": 1}
+    default = dg()
+    trainer(tmp_path, **validate).validate(default, datamodule=data, verbose=False)
+    assert default.sampler == writer_sampler  # not the score model's heun-18
+    with pytest.raises(NoiseclsError, match=r"differs from the one that wrote the fake set.*"
+                                            r"name: heun vs ddim"):  # fmt: skip
+        trainer(tmp_path, **validate).validate(
+            dg(sampler=SamplerConfig("heun", 7)), datamodule=data, verbose=False
+        )
+    allowed = dg(sampler=SamplerConfig("heun", 7), allow_sampler_mismatch=True)
+    trainer(tmp_path, **validate).validate(allowed, datamodule=data, verbose=False)
+    assert allowed.sampler == SamplerConfig("heun", 7)
+    boosted = dg(guidance=GuidanceConfig(boost_factor=2.0))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NoiseclsError, match="parallel"):
+        boosted.run_sampler(SamplerConfig("ddim", 5, parallel=True), x, VP.sampling_sigmas(5))

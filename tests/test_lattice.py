@@ -121,12 +121,12 @@ def test_itd_over_a_network_range_is_the_smoothed_density() -> None:
 
 def test_ode_is_the_density_smoothed_at_sigma_min() -> None:
     lat = lattice()
-    x = samples(lat, 8)
+    x = samples(lat, 4)
     sigmas = SCHEDULE.sampling_sigmas(2)
     sigma_max, sigma_min = float(sigmas[0]), float(sigmas[-2])
     estimate = ode_log_likelihood(
         lat.denoiser(), x, sigma_min=sigma_min, sigma_max=sigma_max,
-        prior_std=SCHEDULE.terminal_std(sigma_max), num_steps=48, trace="exact",
+        prior_std=SCHEDULE.terminal_std(sigma_max), num_steps=32, trace="exact",
     )  # fmt: skip
     error = bits(estimate - lat.noisy_log_prob(x, 1.0, sigma_min))
     print(f"ODE: errors {error.tolist()}")

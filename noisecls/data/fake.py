@@ -11,6 +11,7 @@ per-example cache, e.g. DG's precomputed features, is keyed by); :func:`split_ta
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,6 +130,19 @@ def _missing_message(path: Path) -> str:
     )
 
 
+def fake_set_sampler(directory: str) -> dict | None:
+    """The sampler (SamplerConfig fields) recorded in the ``manifest.json`` that ``noisecls
+    predict`` wrote into ``directory``; None for a folder without one (e.g. PNGs from another
+    tool)."""
+    path = Path(directory).expanduser() / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("sampler")
+    except json.JSONDecodeError as err:
+        raise NoiseclsError(f"{path} is not valid JSON ({err}); remove it") from err
+
+
 def load_fake_samples(directories: Sequence[str]) -> tuple[Tensor, Tensor]:
     """The generated samples in ``directories``: (x float32 [N, ...] in data scale, labels int64
     [N]; 0 where there are no labels).
@@ -221,6 +235,20 @@ class RealFakeDataModule(NoiseclsDataModule):
         self.data_shape = tuple(real.data_shape)
         self.num_bins = real.num_bins
         self._num_classes = real.num_classes
+
+    def fake_sampler(self) -> dict | None:
+        """The sampler that wrote the fake set (from the predict manifests; None when no
+        directory has one); a one-line error when the directories were written by different
+        samplers."""
+        recorded = {json.dumps(s, sort_keys=True): s for d in self.fake_dirs
+                    if (s := fake_set_sampler(d)) is not None}  # fmt: skip
+        if len(recorded) > 1:
+            raise NoiseclsError(
+                f"the fake_dirs {self.fake_dirs} were written by different samplers "
+                f"({', '.join(recorded)}); a discriminator learns one sampler's errors: list "
+                "directories of one sampler"
+            )
+        return next(iter(recorded.values()), None)
 
     def _check_available(self) -> None:
         for directory in self.fake_dirs:

@@ -9,6 +9,7 @@ frozen score model through :class:`~noisecls.denoisers.DiscriminatorGuidedDenois
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
@@ -251,11 +252,17 @@ class DG(DiffusionModule):
         t_min: smallest training time (1e-5).
         class_conditional: the discriminator sees the class labels.
         val_bins: number of diffusion-time bins of the validation metrics.
-        optimizer: default Adam(3e-4). Others: see ``DiffusionModule`` (sampler: default the
-            score model's).
+        sampler: the sampler to guide. Default: the one that wrote the fake set (recorded in
+            the ``noisecls predict`` manifest of ``fake_dirs``; the discriminator learned that
+            sampler's errors and the paper's Theorem 1 holds for it), else the score model's.
+        allow_sampler_mismatch: accept a ``sampler`` other than the fake set's (refused in one
+            line otherwise).
+        optimizer: default Adam(3e-4). Others: see ``DiffusionModule``.
     """
 
-    evaluation_hparams: tuple[str, ...] = ("sampler", "predict", "guidance")
+    evaluation_hparams: tuple[str, ...] = (
+        "sampler", "predict", "guidance", "allow_sampler_mismatch"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -271,6 +278,7 @@ class DG(DiffusionModule):
         class_conditional: bool = False,
         val_bins: int = 5,
         sampler: SamplerConfig | None = None,
+        allow_sampler_mismatch: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         data_shape: Sequence[int] | None = None,
@@ -311,6 +319,8 @@ class DG(DiffusionModule):
         self.t_min = t_min
         self.class_conditional = class_conditional
         self.val_bins = val_bins
+        self.sampler_given = sampler is not None
+        self.allow_sampler_mismatch = allow_sampler_mismatch
 
     def train(self, mode: bool = True) -> DG:
         super().train(mode)
@@ -359,6 +369,12 @@ class DG(DiffusionModule):
                 "guidance.boost_churn needs the (sequential) heun sampler; set sampler.name: "
                 "heun or guidance.boost_churn: 0"
             )
+        if g.boosts_weight() and config.parallel:
+            raise NoiseclsError(
+                "guidance.boost_factor changes the denoiser from one step's evaluation to the "
+                "next, which the parallel (Picard) sampler's sweeps cannot follow; set "
+                "sampler.parallel: false or guidance.boost_factor: 1"
+            )
         if g.boosts_weight() and config.name == "dpm_solver_2":
             raise NoiseclsError(
                 "guidance.boost_factor counts one evaluation per step, dpm_solver_2 makes two; "
@@ -378,6 +394,27 @@ class DG(DiffusionModule):
             churn_override=churn, generator=generator, cond=cond,
         )  # fmt: skip
         return out, predictor.nfe + corrector.nfe
+
+    def setup(self, stage: str) -> None:
+        """Guide with the sampler that wrote the fake set (see ``sampler``), then the base
+        checks."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        recorded = datamodule.fake_sampler() if isinstance(datamodule, RealFakeDataModule) else None
+        if recorded is not None:
+            fake = SamplerConfig.from_record(recorded)
+            if not self.sampler_given:
+                self.sampler = fake
+            elif self.sampler != fake and not self.allow_sampler_mismatch:
+                mine, theirs = dataclasses.asdict(self.sampler), dataclasses.asdict(fake)
+                differ = [k for k in theirs if theirs[k] != mine[k]]
+                raise NoiseclsError(
+                    "DG's sampler differs from the one that wrote the fake set ("
+                    + ", ".join(f"{k}: {mine[k]} vs {theirs[k]}" for k in differ)
+                    + "): the discriminator learned that sampler's errors; remove "
+                    "model.init_args.sampler to guide it, or set "
+                    "model.init_args.allow_sampler_mismatch: true"
+                )
+        super().setup(stage)
 
     # ---- training ----------------------------------------------------------------------
     def on_fit_start(self) -> None:

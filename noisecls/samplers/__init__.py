@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -45,6 +45,15 @@ class SamplerConfig:
     parallel: bool = False
     window: int | None = None
     tolerance: float = 0.1
+
+    @classmethod
+    def from_record(cls, record: dict) -> SamplerConfig:
+        """The config a JSON record of it describes (as ``noisecls predict`` manifests store
+        it: non-finite floats as the strings "inf" / "nan")."""
+        floats = {f.name for f in fields(cls) if "float" in str(f.type)}
+        values = {k: float(v) if k in floats and isinstance(v, str) else v
+                  for k, v in record.items()}  # fmt: skip
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.name not in ("euler", "ddim", "ddpm", "heun", "dpm_solver_2"):
