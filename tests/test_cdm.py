@@ -196,6 +196,10 @@ def test_classifier_free_guidance_through_the_gradient_denoiser():
         guided = model.denoiser()(x, sigma, class_labels=labels)
     expected = (1 + w) * oracle(x, sigma, class_labels=labels) - w * oracle(x, sigma)
     assert torch.allclose(guided, expected, atol=1e-9, rtol=0)
+    # denoising-MSE metrics measure the unguided MMSE denoiser, E[x0 | x, k]
+    with torch.no_grad():
+        mmse = model.mmse_denoiser()(x, sigma, class_labels=labels)
+    assert torch.allclose(mmse, oracle(x, sigma, class_labels=labels), atol=1e-9, rtol=0)
     # the conditional one-pass likelihood is log p(x | k); without labels it is log p(x)
     x0, comp = mix.sample(16, torch.Generator().manual_seed(7), dtype=torch.float64)
     cond = model.log_likelihood(x0, class_labels=comp)

@@ -1,4 +1,5 @@
-"""Denoising MSE per noise level: how well ``pl_module.denoiser()`` estimates E[x0 | x_t].
+"""Denoising MSE per noise level: how well ``pl_module.mmse_denoiser()`` (the method's E[x0 | x_t],
+without sampling-only guidance such as classifier-free guidance) estimates it.
 
 For each sigma of a fixed grid and each held-out x0: x = x0 + sigma·eps (sigma space, the
 Denoiser contract), MSE = mean over elements of (D(x, sigma) - x0)², averaged over examples. The
@@ -135,7 +136,7 @@ class DenoisingMSECallback(EvaluationCallback):
         sums = torch.zeros(width, dtype=torch.float64, device=device)
         count = local_count = 0
         with Stopwatch() as watch, torch.inference_mode(False), torch.no_grad():
-            denoiser = pl_module.denoiser()
+            denoiser = pl_module.mmse_denoiser()
             oracle_denoiser = oracle.to(device).denoiser() if oracle is not None else None
             workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0)
             for b, batch in local_batches(dataset, n, self.batch_size, trainer, workers):

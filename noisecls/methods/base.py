@@ -169,6 +169,12 @@ class DiffusionModule(L.LightningModule):
     def denoiser(self) -> Denoiser:
         """The method's Denoiser D(x, sigma, **cond) in sigma space."""
 
+    def mmse_denoiser(self) -> Denoiser:
+        """The method's estimate of E[x0 | x] (what denoising-MSE metrics measure): ``denoiser()``
+        unless sampling adds guidance that is not part of that estimate (CDM's classifier-free
+        guidance)."""
+        return self.denoiser()
+
     def log_likelihood(
         self,
         x: Tensor,

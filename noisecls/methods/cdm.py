@@ -132,6 +132,10 @@ class CDM(DiffusionModule):
             return GuidedDenoiser(self.model, self.guidance_weight, null_label=self.num_classes)
         return self.model
 
+    def mmse_denoiser(self) -> Denoiser:
+        """The unguided gradient denoiser (classifier-free guidance is for sampling only)."""
+        return self.model
+
     def drop_labels(self, labels: Tensor | None, generator: torch.Generator) -> Tensor | None:
         """Labels with each replaced by the null label w.p. label_dropout (training only), so
         the unconditional branch that guidance subtracts is trained."""
