@@ -370,7 +370,8 @@ def test_unet_classifier_trains_with_double_backward():
         torch.rand(6, 1, 8, 8) * 2 - 1, None, torch.Generator().manual_seed(0)
     )
     loss.backward()
-    assert torch.isfinite(loss) and set(extras) == {"ce", "mse"}
+    assert torch.isfinite(loss) and set(extras) == {"ce", "mse", "level_accuracy"}
+    assert 0 <= extras["level_accuracy"] <= 1
     missing = [name for name, p in net.named_parameters() if p.grad is None]
     assert not missing
 

@@ -175,8 +175,9 @@ def test_fit_under_ddp_with_validation_callbacks(name: str, tmp_path: Path) -> N
                  if not c["class_path"].endswith(("FIDCallback", "NLLCallback"))]  # fmt: skip
     path = small_config(name, tmp_path / f"{name}.yaml", callbacks=callbacks, hidden=32)
     noisecls("fit", "--config", str(path), *DDP, "--trainer.max_steps", "8",
-             "--trainer.val_check_interval", "4", "--trainer.logger", "CSVLogger",
-             "--trainer.logger.save_dir", "logs", cwd=tmp_path)  # fmt: skip
+             "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "4",
+             "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "logs",
+             cwd=tmp_path)  # fmt: skip
     checkpoint = last_checkpoint(tmp_path)
     assert checkpoint["global_step"] == 8
     assert "current_model_state" in checkpoint  # EMA ran: raw weights kept beside EMA ones
@@ -185,8 +186,9 @@ def test_fit_under_ddp_with_validation_callbacks(name: str, tmp_path: Path) -> N
     assert "val/loss" in header
     val_rows = [row for row in metrics[1:] if row.split(",")[header.index("val/loss")]]
     assert len(val_rows) == 2  # steps 4 and 8, logged once (rank 0), not once per rank
-    if name == "cdl_toy":
+    if name == "cdl_toy":  # the reference, and the per-term gradients outside DDP's reducer
         assert "cdl_reference" in checkpoint
+        assert {"train/cdl_grad_ratio", "val/cdl_accuracy"} <= set(header)
 
 
 # ---- the full matrix (slow): every CPU config through the CLI, as shipped ------------------

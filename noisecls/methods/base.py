@@ -295,12 +295,14 @@ class DiffusionModule(L.LightningModule):
 
     def evaluation_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         """The training loss on held-out data with fixed noise per batch, logged as
-        ``{stage}/loss`` (gradients enabled: some methods' losses need input gradients)."""
+        ``{stage}/loss`` with the loss's parts (``{stage}/<name>``, e.g. CDM's ce, mse and
+        level_accuracy) (gradients enabled: some methods' losses need input gradients)."""
         x0, labels = batch
         g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_idx))
         with torch.enable_grad():
-            loss, _ = self.training_loss(x0, self.class_labels(labels), g)
-        self.log(f"{stage}/loss", loss.detach(), sync_dist=True, batch_size=x0.shape[0])
+            loss, extras = self.training_loss(x0, self.class_labels(labels), g)
+        for name, value in {"loss": loss, **extras}.items():
+            self.log(f"{stage}/{name}", value.detach(), sync_dist=True, batch_size=x0.shape[0])
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.evaluation_loss(batch, batch_idx, "val")

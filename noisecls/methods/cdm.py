@@ -172,6 +172,7 @@ class CDM(DiffusionModule):
         else:
             logits = self.model.logits(x_t, labels)
         extras["ce"] = F.cross_entropy(logits.float(), level)
+        extras["level_accuracy"] = (logits.argmax(dim=1) == level).float().mean()
         # A zero-weighted term stays in the graph, so every parameter (e.g. the last bias, which
         # the input gradient never sees) reaches the loss and DDP's all-reduce.
         loss = self.ce_weight * extras["ce"]
