@@ -104,9 +104,10 @@ def run_seed(data: str, base: Path, steps: int, seed: int, out: Path) -> dict[st
         metrics: dict[str, float] = {}
         for parallel in (False, True):
             test_dir = run / ("test_parallel" if parallel else "test")
-            noisecls("test", "--config", str(test_config(data, out, parallel)), "--ckpt_path",
-                     ckpt, "--trainer.default_root_dir", str(test_dir),
-                     "--trainer.enable_progress_bar", "false", cwd=out)  # fmt: skip
+            if not sorted(test_dir.rglob("results.json")):
+                noisecls("test", "--config", str(test_config(data, out, parallel)), "--ckpt_path",
+                         ckpt, "--trainer.default_root_dir", str(test_dir),
+                         "--trainer.enable_progress_bar", "false", cwd=out)  # fmt: skip
             found = read_results(test_dir)
             if parallel:
                 found = {

@@ -67,3 +67,18 @@ def test_short_training_approaches_the_oracle_denoiser(schedule, prediction):
     # oracle's own MMSE at these noise levels, and far below the untrained network's.
     assert after < 0.10 * scale, (after, scale)
     assert after < 0.05 * before, (after, before)
+
+
+def test_noise_seed_is_logged_apart_from_the_data_seed(tmp_path) -> None:
+    """Loggers get the module's training-noise seed as noise_seed (Lightning refuses to merge a
+    module 'seed' with a different DataModule 'seed'); checkpoints keep it as seed."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.utilities import _log_hyperparams
+
+    model = DDM(ResidualMLP(dim=2, hidden=8, num_blocks=1), DiscreteSchedule(), data_shape=(2,),
+                seed=3)  # fmt: skip
+    assert model.hparams["seed"] == 3 and "seed" not in model.hparams_initial
+    trainer = L.Trainer(logger=CSVLogger(str(tmp_path)), max_steps=0, enable_progress_bar=False)
+    trainer.fit(model, datamodule=ToyDataModule("gmm", batch_size=64, seed=0))
+    _log_hyperparams(trainer)  # raised "Error while merging hparams" before
+    assert "noise_seed: 3" in next(tmp_path.rglob("hparams.yaml")).read_text()

@@ -15,6 +15,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import Tensor
 
 from noisecls.denoisers import Denoiser
@@ -157,6 +158,17 @@ class DiffusionModule(L.LightningModule):
         self.data_shape = tuple(data_shape) if data_shape is not None else None
         self.seed = seed
         self.predict_config = predict or PredictConfig()
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """The hyperparameters loggers record, with the training-noise ``seed`` as
+        ``noise_seed``: Lightning merges them with the DataModule's, whose ``seed`` (the splits)
+        may differ, and refuses to log clashing keys (which stopped ``fit --model.init_args.seed
+        1`` with any logger)."""
+        hparams = super().hparams_initial
+        if "seed" in hparams:
+            hparams["noise_seed"] = hparams.pop("seed")
+        return hparams
 
     # ---- what a method defines -----------------------------------------------------------
     @abstractmethod
