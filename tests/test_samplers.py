@@ -7,7 +7,13 @@ import torch
 
 from noisecls.oracles import GaussianMixture, mmd_rbf
 from noisecls.process.schedules import DiscreteSchedule, karras_sigmas
-from noisecls.samplers import SamplerConfig, run_sampler
+from noisecls.samplers import (
+    SamplerConfig,
+    run_sampler,
+    sample_ddim,
+    sample_dpm_solver_2,
+    sample_dpm_solver_2m,
+)
 from noisecls.samplers.ode import ancestral_step
 
 N = 3000
@@ -47,6 +53,7 @@ SAMPLERS = [
     ("heun", karras_sigmas(50, 0.002, 80.0), {}, 99),
     ("heun", karras_sigmas(50, 0.002, 80.0), {"s_churn": 10.0}, 99),
     ("dpm_solver_2", karras_sigmas(50, 0.002, 80.0), {}, 99),
+    ("dpm_solver_2m", karras_sigmas(50, 0.002, 80.0), {}, 50),
     ("ddpm", DiscreteSchedule().sampling_sigmas(1000), {}, 1000),
 ]
 
@@ -118,3 +125,34 @@ def test_sampler_config_rejects_nonsense():
             torch.zeros(2, 2),
             torch.tensor([1.0, 2.0, 0.0]),
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "order"), [("ddim", 1), ("dpm_solver_2", 2), ("dpm_solver_2m", 2)]
+)
+def test_ode_solvers_converge_at_their_order(name, order):
+    """On Gaussian data N(0, v) the probability-flow ODE is solved in closed form,
+    x(sigma) = x_T·sqrt(v + sigma²) / sqrt(v + sigma_T²); halving the step (in log sigma)
+    divides the error at sigma_min by ~2^order. The grids stop at sigma_min > 0 (the last step to
+    0 is a different, first-order step)."""
+    v = 0.25
+    gaussian = GaussianMixture.gaussian(torch.zeros(1, dtype=torch.float64),
+                                        torch.full((1, 1), v, dtype=torch.float64))  # fmt: skip
+    x_t = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None] * 80.0
+    solver = {"ddim": sample_ddim, "dpm_solver_2": sample_dpm_solver_2,
+              "dpm_solver_2m": sample_dpm_solver_2m}[name]  # fmt: skip
+    errors = []
+    for steps in (16, 32, 64):
+        sigmas = torch.logspace(math.log10(80.0), math.log10(0.05), steps + 1, dtype=torch.float64)
+        sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+        exact = x_t * math.sqrt(v + 0.05**2) / math.sqrt(v + 80.0**2)
+        stop = {}
+
+        def record(info, stop=stop, last=float(sigmas[-2])):
+            if info["sigma_next"] == last:
+                stop["x"] = info["x"]
+
+        solver(gaussian.denoiser(), x_t.clone(), sigmas, callback=record)
+        errors.append(float((stop["x"] - exact).abs().max()))
+    rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(r - order) < 0.35 for r in rates), (errors, rates)

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from noisecls.denoisers import CountingDenoiser, Denoiser
+from noisecls.samplers.multistep import sample_dpm_solver_2m
 from noisecls.samplers.ode import sample_ddim, sample_dpm_solver_2, sample_euler, sample_heun
 from noisecls.samplers.parallel import ParallelSampleResult, sample_parallel
 from noisecls.samplers.sde import sample_ddpm
 
-SamplerName = Literal["euler", "ddim", "ddpm", "heun", "dpm_solver_2"]
+SamplerName = Literal["euler", "ddim", "ddpm", "heun", "dpm_solver_2", "dpm_solver_2m"]
 
 
 @dataclass
@@ -24,9 +25,10 @@ class SamplerConfig:
     """Which sampler to run and with what options.
 
     Args:
-        name: euler | ddim | ddpm | heun | dpm_solver_2.
-        num_steps: number of sigma intervals (NFE: N for euler/ddim/ddpm, 2N - 1 for heun and
-            dpm_solver_2).
+        name: euler | ddim | ddpm | heun | dpm_solver_2 (single-step) | dpm_solver_2m
+            (multistep: the CDM paper's 25-NFE solver).
+        num_steps: number of sigma intervals (NFE: N for euler/ddim/ddpm/dpm_solver_2m,
+            2N - 1 for heun and dpm_solver_2).
         eta: DDIM stochasticity (ddim only).
         s_churn, s_tmin, s_tmax, s_noise: EDM stochastic Heun options (heun only).
         parallel: solve the euler / ddim / ddpm trajectory by Picard iteration
@@ -56,9 +58,10 @@ class SamplerConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        if self.name not in ("euler", "ddim", "ddpm", "heun", "dpm_solver_2"):
+        if self.name not in ("euler", "ddim", "ddpm", "heun", "dpm_solver_2", "dpm_solver_2m"):
             raise ValueError(
-                f"unknown sampler {self.name!r}; use euler, ddim, ddpm, heun or dpm_solver_2"
+                f"unknown sampler {self.name!r}; use euler, ddim, ddpm, heun, dpm_solver_2 or "
+                "dpm_solver_2m"
             )
         if self.num_steps < 1:
             raise ValueError(f"sampler num_steps must be >= 1, got {self.num_steps}")
@@ -102,6 +105,8 @@ def run_sampler(
             counted, x, sigmas, s_churn=config.s_churn, s_tmin=config.s_tmin,
             s_tmax=config.s_tmax, s_noise=config.s_noise, **common,
         )  # fmt: skip
+    elif config.name == "dpm_solver_2m":
+        out = sample_dpm_solver_2m(counted, x, sigmas, **common)
     else:
         out = sample_dpm_solver_2(counted, x, sigmas, **common)
     return out, counted.nfe
@@ -114,6 +119,7 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpm_solver_2",
+    "sample_dpm_solver_2m",
     "sample_euler",
     "sample_heun",
     "sample_parallel",
