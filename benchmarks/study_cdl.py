@@ -15,6 +15,7 @@ with the config's callbacks plus:
 
     python benchmarks/study_cdl.py --data toy --base-steps 3000 --steps 1000 --seeds 0 1 2
     python benchmarks/study_cdl.py --data digits --base-steps 880 --steps 200 --seeds 0 1 2
+    python benchmarks/study_cdl.py --data toy ... --cdl-weight 0.1   # a fixed 100x-official arm
 
 Writes <out>/<data>/study.json and prints a table (mean ± sd over seeds, CDL/DDM ratio).
 Nothing here is tuned to make CDL win: the configs are the shipped ones.
@@ -87,10 +88,12 @@ def read_results(run: Path) -> dict[str, float]:
     return values
 
 
-def run_seed(data: str, base: Path, steps: int, seed: int, out: Path) -> dict[str, dict]:
+def run_seed(
+    data: str, base: Path, steps: int, seed: int, out: Path, cdl_weight: str
+) -> dict[str, dict]:
     """Fine-tune CDL and continue the DDM from base for ``steps``; test both."""
     results = {}
-    for label, weight in (("CDL", "official"), ("DDM", "0.0")):
+    for label, weight in (("CDL", cdl_weight), ("DDM", "0.0")):
         run = out / f"{label.lower()}_seed{seed}"
         if not sorted(run.rglob("last.ckpt")):
             noisecls("fit", "--config", str(EXPERIMENTS / f"cdl_{data}.yaml"),
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/study_cdl"))
+    parser.add_argument("--cdl-weight", default="official", help="the CDL arm's cdl_weight")
     args = parser.parse_args()
     out = (args.out / args.data).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -152,11 +156,14 @@ def main() -> None:
                      "--trainer.default_root_dir", str(base_run),
                      "--trainer.enable_progress_bar", "false", cwd=out)  # fmt: skip
         base = last_checkpoint(base_run)
-    per_seed = [run_seed(args.data, base.resolve(), args.steps, s, out) for s in args.seeds]
+    per_seed = [
+        run_seed(args.data, base.resolve(), args.steps, s, out, args.cdl_weight) for s in args.seeds
+    ]
     rows = summarise(per_seed)
     (out / "study.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                 "per_seed": per_seed}, indent=1))  # fmt: skip
-    print(f"\nCDL vs DDM on {args.data}: {args.steps} steps from {base.name}, seeds {args.seeds}")
+    print(f"\nCDL (cdl_weight {args.cdl_weight}) vs DDM on {args.data}: {args.steps} steps from "
+          f"{base.name}, seeds {args.seeds}")  # fmt: skip
     print(f"{'metric':<44}{'DDM':>22}{'CDL':>22}{'CDL/DDM':>9}")
     for key, dm, ds, cm, cs in rows:
         ratio = cm / dm if dm and math.isfinite(dm) else float("nan")
