@@ -25,7 +25,7 @@ CONFIGS = ["cdm_cifar10", "cdm_cifar10_cond", "cdm_cifar10_unif", "cdm_celeba64"
 PAPER = {  # name: (channel_mult, head width, lr, schedule kind, class-conditional)
     "cdm_cifar10": ((1, 2, 2, 2), 512, 2e-4, "linear", False),
     "cdm_cifar10_cond": ((1, 2, 2, 2), 512, 2e-4, "linear", True),
-    "cdm_cifar10_unif": ((1, 2, 2, 2), 512, 2e-4, "dre_uniform", False),
+    "cdm_cifar10_unif": ((1, 2, 2, 2), 512, 1e-4, "dre_uniform", False),  # App. C.2.2
     "cdm_celeba64": ((1, 2, 2, 2, 4), 1024, 1e-4, "linear", False),
 }
 
@@ -104,12 +104,13 @@ def test_paper_config_instantiates_as_the_paper_specifies(name):
     sched = optim["lr_scheduler"]["scheduler"]
     assert isinstance(sched, WarmupStepDecayLR) and optim["lr_scheduler"]["interval"] == "step"
     assert (sched.warmup_steps, sched.step_size, sched.gamma) == (5000, 200000, 0.1)
-    # 500k iterations of batch 128 with EMA 0.9999 and random flips
+    # 500k iterations, global batch 4 x 128 (CIFAR-10) / 128 (CelebA), EMA 0.9999 from step 5k,
+    # random flips
     assert trainer.max_steps == 500000
     assert sum(isinstance(cb, EMAWeightAveraging) for cb in trainer.callbacks) == 1
     (ema,) = [cb for cb in c.config.trainer.callbacks if cb.class_path.endswith("Averaging")]
-    assert ema.init_args.decay == 0.9999
-    assert data.batch_size == 128 and data.random_flip
+    assert ema.init_args.decay == 0.9999 and ema.init_args.update_starting_at_step == 5000
+    assert data.batch_size == (128 if name == "cdm_celeba64" else 512) and data.random_flip
     if name == "cdm_celeba64":
         assert type(data).__name__ == "CelebA64DataModule"
         assert data.hparams.preprocessing == "celeba_cdm" and data.hparams.resolution == 64

@@ -1,15 +1,16 @@
 """Multistep exponential-integrator samplers (one denoiser call per step), as plain functions
 with the signature of :mod:`noisecls.samplers.ode`.
 
-``sample_dpm_solver_2m``: DPM-Solver-2 in its multistep form (Lu et al. 2022, "DPM-Solver",
-section 3.3 / Appendix B, noise prediction, the solver the CDM paper runs with 25 NFE). In sigma
-space (alpha = 1, lambda = -log sigma) its step from sigma_s to sigma_t, h = lambda_t - lambda_s,
-r = (lambda_s - lambda_prev) / h, reads
+``sample_dpm_solver_2m``: DPM-Solver-2 in its multistep form, noise prediction (Lu et al. 2022,
+"DPM-Solver"), with the Taylor ("heun") coefficient of the CDM paper's official sampler
+(CDM.sample, 'second_order_dpm_solver', 25 NFE; diffusers' DPMSolverMultistepScheduler with
+algorithm_type "dpmsolver", solver_type "heun"). In sigma space (alpha = 1, lambda = -log sigma)
+its step from sigma_s to sigma_t, h = lambda_t - lambda_s, h_prev = lambda_s - lambda_prev, is
 
-    x_t = x_s - (sigma_s - sigma_t)·[eps_s + (eps_s - eps_prev) / (2 r)],
+    x_t = x_s - (sigma_s - sigma_t)·eps_s - sigma_t·(e^h - h - 1)·(eps_s - eps_prev) / h_prev,
 
-with eps = (x - D(x, sigma)) / sigma: the first step is DPM-Solver-1 (= DDIM), and the last one,
-to sigma = 0, is first order too (h is infinite there), x_0 = D(x, sigma_s).
+with eps = (x - D(x, sigma)) / sigma (sigma_t·(e^h - 1) = sigma_s - sigma_t): the first step is
+DPM-Solver-1 (= DDIM), and the last one, to sigma = 0, returns D(x, sigma_s) (h is infinite).
 """
 
 from __future__ import annotations
@@ -44,11 +45,10 @@ def sample_dpm_solver_2m(
         if s_next == 0:
             x = denoised
         else:
-            slope = eps
+            x = x - (s - s_next) * eps
             if previous is not None:
-                ratio = (previous[0] - lam) / (lam + math.log(s_next))  # r = h_prev / h
-                slope = eps + (eps - previous[1]) / (2 * ratio)
-            x = x - (s - s_next) * slope
+                h, h_prev = -math.log(s_next) - lam, lam - previous[0]
+                x = x - (s_next * (math.expm1(h) - h) / h_prev) * (eps - previous[1])
         previous = (lam, eps)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
