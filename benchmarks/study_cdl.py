@@ -135,6 +135,25 @@ def summarise(per_seed: list[dict[str, dict]]) -> list[tuple[str, float, float, 
     return rows
 
 
+#: the rows of the README table (every metric is in study.json and the printed table)
+HEADLINE = (
+    "test/fid", "test/kid", "parallel test/fid", "parallel test/fid/nfe", "test/nll_bpd",
+    "test/nll_itd_bpd", "test/denoise_mse/sigma=0.1", "test/denoise_mse/sigma=1",
+    "test/denoise_mse_x1.5/sigma=0.1", "test/denoise_mse_x1.5/sigma=1", "test/cdl_accuracy",
+    "test/cdl_loss",
+)  # fmt: skip
+
+
+def markdown(rows: list[tuple[str, float, float, float, float]]) -> str:
+    """The headline rows as a markdown table (mean ± sd over seeds, CDL/DDM)."""
+    lines = ["| metric | DDM continued | CDL fine-tuned | CDL/DDM |", "|---|---|---|---|"]
+    for key, dm, ds, cm, cs in rows:
+        if key in HEADLINE:
+            ratio = cm / dm if dm else float("nan")
+            lines.append(f"| {key} | {dm:.4g} ± {ds:.2g} | {cm:.4g} ± {cs:.2g} | {ratio:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["toy", "digits"], required=True)
@@ -160,6 +179,7 @@ def main() -> None:
         run_seed(args.data, base.resolve(), args.steps, s, out, args.cdl_weight) for s in args.seeds
     ]
     rows = summarise(per_seed)
+    (out / "study.md").write_text(markdown(rows))
     (out / "study.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                 "per_seed": per_seed}, indent=1))  # fmt: skip
     print(f"\nCDL (cdl_weight {args.cdl_weight}) vs DDM on {args.data}: {args.steps} steps from "
