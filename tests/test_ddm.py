@@ -82,3 +82,23 @@ def test_noise_seed_is_logged_apart_from_the_data_seed(tmp_path) -> None:
     trainer.fit(model, datamodule=ToyDataModule("gmm", batch_size=64, seed=0))
     _log_hyperparams(trainer)  # raised "Error while merging hparams" before
     assert "noise_seed: 3" in next(tmp_path.rglob("hparams.yaml")).read_text()
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_last_checkpoint_holds_the_final_step(tmp_path, ours: bool) -> None:
+    """A run whose last validation (and save) precedes max_steps: noisecls' ModelCheckpoint
+    writes last.ckpt at the final step; Lightning's keeps the earlier one (the bug it fixes)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+    from noisecls.callbacks import ModelCheckpoint
+
+    checkpoint = (ModelCheckpoint if ours else LightningModelCheckpoint)(
+        dirpath=str(tmp_path), save_last=True
+    )
+    model = DDM(ResidualMLP(dim=2, hidden=8, num_blocks=1), DiscreteSchedule(), data_shape=(2,))
+    trainer = L.Trainer(max_steps=7, val_check_interval=5, check_val_every_n_epoch=None,
+                        limit_val_batches=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[checkpoint])  # fmt: skip
+    trainer.fit(model, datamodule=ToyDataModule("gmm", batch_size=64, n_train=4096))
+    step = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert step == (7 if ours else 5)

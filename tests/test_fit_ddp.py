@@ -53,7 +53,7 @@ def small_config(name: str, path: Path, *, callbacks: list | None = None, **net:
         callbacks = [
             {"class_path": "noisecls.callbacks.EMAWeightAveraging",
              "init_args": {"decay": 0.9}},
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            {"class_path": "noisecls.callbacks.ModelCheckpoint",
              "init_args": {"save_last": True}},
         ]  # fmt: skip
     config["trainer"].update(

@@ -5,6 +5,7 @@ Add them under ``trainer.callbacks`` in an experiment YAML; they run every ``eve
 validations during ``fit`` (with EMA weights) and once in ``validate`` / ``test``.
 """
 
+from noisecls.callbacks.checkpoint import ModelCheckpoint
 from noisecls.callbacks.denoising import DEFAULT_SIGMAS, DenoisingMSECallback
 from noisecls.callbacks.ema import EMAWeightAveraging
 from noisecls.callbacks.features import (
@@ -28,6 +29,7 @@ __all__ = [
     "FlattenFeatures",
     "InceptionFeatures",
     "MetricRecord",
+    "ModelCheckpoint",
     "NLLCallback",
     "ResultsWriter",
     "SampleGridCallback",
