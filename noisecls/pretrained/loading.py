@@ -1,14 +1,17 @@
 """Load a pretrained model as (backbone, schedule, prediction); write one back for diffusers.
 
 ``load_pretrained`` reads a diffusers directory (or a hub id already in the local cache), or a
-noisecls checkpoint whose network is a :class:`~noisecls.pretrained.diffusers.DiffusersModel`
-(e.g. after CDL fine-tuning: the weights come from the checkpoint, the architecture and
-schedule from the directory its config names). ``save_diffusers`` writes the backbone (and its
+noisecls checkpoint of a method whose ``net`` is a :class:`~noisecls.pretrained.diffusers.
+DiffusersModel` and whose ``schedule`` a ``DiffusersSchedule`` (e.g. after CDL fine-tuning): the
+weights come from the checkpoint (``net.*``; EMA ones where the EMA callback wrote them), the
+architecture from the diffusers directory the saved schedule names (methods do not save their
+``net`` config, so that directory must still exist). ``save_diffusers`` writes the backbone (and its
 scheduler) as a diffusers pipeline directory.
 """
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -24,7 +27,16 @@ from noisecls.pretrained.diffusers import (
 )
 from noisecls.pretrained.extra import import_diffusers
 
-_MODEL_CLASS = f"{DiffusersModel.__module__}.{DiffusersModel.__qualname__}"
+
+def _names(config: object, cls: type) -> bool:
+    """Whether a ``{class_path, init_args}`` config builds ``cls`` (or a subclass)."""
+    path = config.get("class_path", "") if isinstance(config, dict) else ""
+    module_name, _, name = str(path).rpartition(".")
+    try:
+        named = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(named, type) and issubclass(named, cls)
 
 
 class Pretrained(NamedTuple):
@@ -54,22 +66,19 @@ def _load_checkpoint(file: Path) -> Pretrained:
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise NoiseclsError(f"cannot read checkpoint {file}: {err}") from err
     hparams = ckpt.get("hyper_parameters") or {}
-    net_cfg, schedule_cfg = hparams.get("net") or {}, hparams.get("schedule") or {}
-    if not isinstance(net_cfg, dict) or net_cfg.get("class_path") != _MODEL_CLASS:
+    schedule_cfg = hparams.get("schedule") or {}
+    if not _names(schedule_cfg, DiffusersSchedule):
         raise NoiseclsError(
-            f"{file} does not hold a diffusers model (its config's net is not {_MODEL_CLASS})"
+            f"{file} was not trained on a diffusers model (its schedule is not a DiffusersSchedule)"
         )
-    net = DiffusersModel(net_cfg["init_args"]["path"], weights="config")
+    schedule = DiffusersSchedule(**schedule_cfg.get("init_args", {}))
+    net = DiffusersModel(schedule_cfg["init_args"]["path"], weights="config")
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise NoiseclsError(f"{file} does not fit the model it names: {first}") from err
-    if schedule_cfg.get("class_path", "").rsplit(".", 1)[-1] == DiffusersSchedule.__name__:
-        schedule = DiffusersSchedule(**schedule_cfg.get("init_args", {}))
-    else:
-        schedule = DiffusersSchedule(net_cfg["init_args"]["path"])
+        raise NoiseclsError(f"{file} does not fit the model its schedule names: {first}") from err
     prediction = hparams.get("prediction", schedule.prediction)
     return Pretrained(net, schedule, prediction, net.data_shape)
 
