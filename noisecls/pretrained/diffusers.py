@@ -45,13 +45,22 @@ PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 # ------------------------------------------------------------------------------------ locating
+def _hub_id(source: str) -> bool:
+    """Whether ``source`` reads as a hub id "owner/name" (not a relative checkpoint path)."""
+    return (
+        source.count("/") == 1
+        and not source.startswith((".", "/", "~"))
+        and Path(source).suffix not in (".ckpt", ".pt", ".pth", ".safetensors")
+    )
+
+
 def resolve_source(source: str) -> Path:
     """The local directory of a diffusers model: ``source`` itself, or the snapshot of the Hugging
     Face hub id ``source`` already in the local cache (never downloaded: one-line error)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or source.count("/") != 1 or source.startswith((".", "/", "~")):
+    if path.exists() or not _hub_id(source):
         raise NoiseclsError(f"{source} is not a diffusers model directory")
     import_diffusers()  # huggingface_hub comes with the extra
     from huggingface_hub import snapshot_download
@@ -80,7 +89,7 @@ def is_diffusers_source(source: str) -> bool:
     path = Path(source).expanduser()
     if path.is_dir():
         return (path / "model_index.json").is_file() or (path / "config.json").is_file()
-    return not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    return not path.exists() and _hub_id(source)
 
 
 def locate(source: str) -> tuple[Path, Path]:
