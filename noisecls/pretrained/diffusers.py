@@ -16,7 +16,8 @@ Correspondence with diffusers (T = num_train_timesteps, k = 0..T-1 its timestep 
   alpha of the sigma itself, 1 / sqrt(1 + sigma²), either way. On the scheduler's own grid both
   give the integer timestep.
 - Sampling grid: ``sampling_sigmas(n)`` are the sigmas of ``scheduler.set_timesteps(n)``
-  (``timestep_spacing`` "leading" / "trailing" / "linspace" with its ``steps_offset``), then 0.
+  (``DiffusersSchedule(timestep_spacing=...)``: "linspace" by default, None for the scheduler
+  config's "leading" / "trailing" / "linspace", with its ``steps_offset``), then 0.
   noisecls's ``sample_ddim`` (eta) and ``sample_ddpm`` on it are diffusers' ``DDIMScheduler`` and
   ``DDPMScheduler`` loops on the same noise (DDPM's ``variance_type`` "fixed_small" /
   "fixed_small_log": the posterior variance beta-tilde of the strided chain), with these
