@@ -38,6 +38,15 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor: ...
 
 
+def needs_input_grad(denoiser: Denoiser) -> bool:
+    """Whether a denoiser differentiates through its input (CDM's gradient denoiser, the DG
+    correction): its optional ``needs_input_grad`` attribute (wrappers forward their inner
+    denoiser's), False when absent. Samplers run the others under ``torch.no_grad``, so a network
+    denoiser keeps no graph across steps; these decide themselves (they enable gradients inside
+    and return detached outputs unless the caller differentiates through x)."""
+    return bool(getattr(denoiser, "needs_input_grad", False))
+
+
 def score_from_denoiser(denoised: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
     """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2 (Tweedie), [B, ...]."""
     return (denoised - x) / broadcast_like(sigma, x) ** 2
@@ -200,6 +209,10 @@ class GuidedDenoiser(nn.Module):
         w = self.guidance_weight
         return (1 + w) * cond_out - w * uncond_out
 
+    @property
+    def needs_input_grad(self) -> bool:
+        return needs_input_grad(self.denoiser)
+
 
 class CountingDenoiser(nn.Module):
     """Wraps a Denoiser and counts its calls (network function evaluations, NFE)."""
@@ -212,6 +225,29 @@ class CountingDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
         self.nfe += 1
         return self.denoiser(x, sigma, **cond)
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return needs_input_grad(self.denoiser)
+
+
+class ClampedDenoiser(nn.Module):
+    """D clamped to [-bound, bound] (x0 clipping: DDPM's / ADM's ``clip_denoised`` for images in
+    [-1, 1]): the estimate of x0 is projected onto the data range before the sampler uses it."""
+
+    def __init__(self, denoiser: Denoiser, bound: float) -> None:
+        super().__init__()
+        if not bound > 0:
+            raise ValueError(f"the x0 clipping bound must be positive, got {bound}")
+        self.denoiser = denoiser
+        self.bound = bound
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
+        return self.denoiser(x, sigma, **cond).clamp(-self.bound, self.bound)
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return needs_input_grad(self.denoiser)
 
 
 class CDMDenoiser(nn.Module):
@@ -237,6 +273,9 @@ class CDMDenoiser(nn.Module):
         null_label: the label the net reserves for "no class" (its num_classes), used when a
             class-conditional net is called without labels; None for unconditional nets.
     """
+
+    #: its output is an input gradient of the classifier (see :func:`needs_input_grad`)
+    needs_input_grad = True
 
     def __init__(
         self, net: nn.Module, schedule: DiscreteSchedule, null_label: int | None = None
@@ -367,6 +406,9 @@ class DiscriminatorGuidedDenoiser(nn.Module):
     The output is detached unless the caller differentiates through x (x.requires_grad with
     gradients enabled, e.g. an ODE likelihood's divergence), then the graph is kept.
     """
+
+    #: the correction is an input gradient of the discriminator (see :func:`needs_input_grad`)
+    needs_input_grad = True
 
     def __init__(
         self,

@@ -10,7 +10,9 @@ from noisecls.process.schedules import (
     EDMSchedule,
     LogSNRSchedule,
     VESchedule,
+    exponential_sigmas,
     karras_sigmas,
+    vp_sigmas,
 )
 
 VP_SCHEDULES = [
@@ -130,3 +132,60 @@ def test_bad_arguments_are_rejected():
         VESchedule(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="num_steps"):
         DiscreteSchedule().sampling_sigmas(0)
+
+
+# ================================================================================= ladders
+def test_exponential_and_karras_ladders_equal_diffusers():
+    from diffusers import EulerDiscreteScheduler
+
+    reference = EulerDiscreteScheduler()
+    ends = torch.tensor([80.0, 0.002], dtype=torch.float64)
+    theirs = torch.as_tensor(reference._convert_to_exponential(ends, 18), dtype=torch.float64)
+    assert torch.allclose(exponential_sigmas(18, 0.002, 80.0)[:-1], theirs, rtol=1e-12)
+    theirs = torch.as_tensor(reference._convert_to_karras(ends, 18), dtype=torch.float64)
+    assert torch.allclose(karras_sigmas(18, 0.002, 80.0, 7.0)[:-1], theirs, rtol=1e-12)
+
+
+def test_vp_ladder_is_k_diffusions_get_sigmas_vp():
+    # k-diffusion: t = linspace(1, eps_s, n), sigma = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)
+    t = torch.linspace(1, 1e-3, 30, dtype=torch.float64)
+    expected = torch.sqrt(torch.exp(19.9 * t**2 / 2 + 0.1 * t) - 1)
+    sig = vp_sigmas(30, float(expected[-1]), float(expected[0]))
+    assert sig[-1] == 0 and torch.allclose(sig[:-1], expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("ladder", ["karras", "exponential", "vp"])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        DiscreteSchedule(),
+        DiscreteSchedule("cosine"),
+        LogSNRSchedule("linear"),
+        VESchedule(),
+        EDMSchedule(),
+    ],
+    ids=["ddpm-linear", "ddpm-cosine", "vp", "ve", "edm"],
+)
+def test_every_ladder_spans_every_schedules_range(schedule, ladder):
+    sig = schedule.ladder(ladder, 12)
+    low, high = schedule.sigma_range()
+    assert sig.shape == (13,) and sig.dtype == torch.float64 and sig[-1] == 0
+    assert float(sig[0]) == pytest.approx(high, rel=1e-12)
+    assert float(sig[-2]) == pytest.approx(low, rel=1e-12)
+    assert bool((sig[:-1].diff() < 0).all())
+    assert torch.equal(schedule.ladder("schedule", 12), schedule.sampling_sigmas(12))
+    with pytest.raises(ValueError, match="unknown sigma ladder"):
+        schedule.ladder("linear", 12)
+
+
+def test_discrete_schedule_between_levels_inverts_exactly():
+    """At a sigma between two levels the fractional level has alpha = 1/sqrt(1 + sigma^2) and
+    ve_sigma = sigma (what an eps / v network's input scaling relies on), and its network time
+    input lies between the two levels' inputs."""
+    s = DiscreteSchedule()
+    grid = s.ve_sigma_at_levels()
+    sigma = torch.sqrt(grid[100:400:50] * grid[101:401:50])  # geometric midpoints
+    level = s.t_from_ve_sigma(sigma)
+    assert bool(((level > torch.arange(101, 401, 50)) & (level < torch.arange(102, 402, 50))).all())
+    assert torch.allclose(s.ve_sigma(level), sigma, rtol=1e-12)
+    assert torch.allclose(s.alpha(level), 1 / torch.sqrt(1 + sigma**2), rtol=1e-12)

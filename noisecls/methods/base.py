@@ -360,7 +360,7 @@ class DiffusionModule(L.LightningModule):
         """Draw n samples [n, *data_shape] with ``sampler`` (default: the module's); returns
         (samples, NFE). Gradients are enabled inside the denoiser where it needs them."""
         config = sampler or self.sampler
-        sigmas = self.schedule.sampling_sigmas(config.num_steps)
+        sigmas = config.sigmas(self.schedule)
         x = self.initial_noise(n, float(sigmas[0]), generator)
         cond = {"class_labels": class_labels} if class_labels is not None else None
         return self.run_sampler(config, x, sigmas, generator=generator, cond=cond)
@@ -432,7 +432,7 @@ class DiffusionModule(L.LightningModule):
         noise comes from the batch's first seed."""
         seeds = batch
         noises = []
-        sigmas = self.schedule.sampling_sigmas(self.sampler.num_steps)
+        sigmas = self.sampler.sigmas(self.schedule)
         for s in seeds.tolist():
             g = torch.Generator(device=self.device).manual_seed(int(s))
             noises.append(self.initial_noise(1, float(sigmas[0]), g))

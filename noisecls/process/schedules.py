@@ -30,12 +30,67 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     Returns:
         Tensor[num_steps + 1]: sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min > sigma_N = 0.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    _check_ladder(num_steps, sigma_min, sigma_max)
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def exponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """A ladder uniform in log(sigma) (k-diffusion's ``get_sigmas_exponential``; diffusers'
+    ``use_exponential_sigmas``), descending, float64 [num_steps + 1] with a final 0."""
+    _check_ladder(num_steps, sigma_min, sigma_max)
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps,
+                                dtype=torch.float64)  # fmt: skip
+    return torch.cat([log_sigmas.exp(), log_sigmas.new_zeros(1)])
+
+
+def vp_sigmas(
+    num_steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    beta_min: float = 0.1,
+    beta_max: float = 20.0,
+) -> Tensor:
+    """The VP SDE's ladder (Song et al. 2021; k-diffusion's ``get_sigmas_vp``): times uniform in
+    t for sigma(t) = sqrt(exp(beta_min·t + (beta_max - beta_min)·t^2/2) - 1), between the times
+    of sigma_max and sigma_min (k-diffusion's fixed ends t = 1 and eps_s = 1e-3 are sigma_max =
+    sigma(1) ~ 157 and sigma_min = sigma(1e-3) ~ 0.01). Descending, float64 [num_steps + 1]
+    with a final 0."""
+    _check_ladder(num_steps, sigma_min, sigma_max)
+    vp = LogSNRSchedule("linear", beta_min=beta_min, beta_max=beta_max)
+    ends = vp.t_from_ve_sigma(torch.tensor([sigma_max, sigma_min], dtype=torch.float64))
+    t = torch.linspace(float(ends[0]), float(ends[1]), num_steps, dtype=torch.float64)
+    sigmas = vp.ve_sigma(t)
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # the ends exactly, not through exp / log
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+Ladder = Literal["schedule", "karras", "exponential", "vp"]
+LADDERS: tuple[str, ...] = ("schedule", "karras", "exponential", "vp")
+
+
+def ladder_sigmas(
+    ladder: Ladder, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0
+) -> Tensor:
+    """The named sigma ladder between sigma_max and sigma_min (karras: ``karras_sigmas`` with
+    ``rho``; exponential; vp), float64 [num_steps + 1] ending in 0. ("schedule", the schedule's
+    own grid, is ``NoiseSchedule.sampling_sigmas``.)"""
+    if ladder == "karras":
+        return karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+    if ladder == "exponential":
+        return exponential_sigmas(num_steps, sigma_min, sigma_max)
+    if ladder == "vp":
+        return vp_sigmas(num_steps, sigma_min, sigma_max)
+    raise ValueError(f"unknown sigma ladder {ladder!r}; use one of {', '.join(LADDERS)}")
+
+
+def _check_ladder(num_steps: int, sigma_min: float, sigma_max: float) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
 
 
 class NoiseSchedule(ABC):
@@ -95,6 +150,24 @@ class NoiseSchedule(ABC):
         """x_t = alpha(t)·x0 + sigma(t)·eps for x0, eps [B, ...] and t [B]."""
         return broadcast_like(self.alpha(t), x0) * x0 + broadcast_like(self.sigma(t), x0) * eps
 
+    def sigma_range(self) -> tuple[float, float]:
+        """(sigma_min, sigma_max): the smallest and largest VE sigma the schedule samples at
+        (the ends of its own grid), the ends of every other ladder."""
+        sigmas = self.sampling_sigmas(2)
+        return float(sigmas[-2]), float(sigmas[0])
+
+    def ladder(self, ladder: Ladder, num_steps: int, rho: float = 7.0) -> Tensor:
+        """Sampling sigmas, float64 [num_steps + 1] ending in 0: the schedule's own grid
+        (``"schedule"``) or the named ladder (``ladder_sigmas``) between ``sigma_range()``.
+
+        A network trained on this schedule is evaluated at any sigma in that range through
+        ``t_from_ve_sigma`` (see the subclasses: a discrete schedule gives a fractional level).
+        """
+        if ladder == "schedule":
+            return self.sampling_sigmas(num_steps)
+        sigma_min, sigma_max = self.sigma_range()
+        return ladder_sigmas(ladder, num_steps, sigma_min, sigma_max, rho)
+
     def terminal_std(self, ve_sigma_max: float) -> float:
         """Std of the sampler's starting point x_T in sigma space (VP: sqrt(1 + s^2); VE: s)."""
         if self.variance_preserving:
@@ -117,7 +190,13 @@ class DiscreteSchedule(NoiseSchedule):
         beta_start, beta_end: endpoints of the linear betas.
 
     The network input for level t is the 0-based beta index t - 1 (the original DDPM code's
-    convention); fractional levels (from ``t_from_ve_sigma``) interpolate log(ve_sigma).
+    convention). Between two levels (a sigma off the grid, e.g. on a Karras ladder or at a Heun
+    / DPM-Solver midpoint), ``t_from_ve_sigma`` returns the fractional level whose log(ve_sigma)
+    interpolates linearly between its neighbours' and ``alpha`` / ``sigma`` at that level invert
+    it exactly (alpha = 1/sqrt(1 + sigma^2) still holds), so an eps / x0 / v network
+    (``PredictionDenoiser``) sees the correctly scaled input and the fractional time input t - 1
+    (its sinusoidal embedding is continuous); the CDM classifier interpolates its level logits
+    (``CDMDenoiser``). Sigmas outside [sigma_1, sigma_T] clamp to the end levels.
     """
 
     def __init__(

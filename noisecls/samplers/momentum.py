@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from noisecls.process.blur import dct, idct, spatial_ndim
+from noisecls.process.schedules import NoiseSchedule
 
 __all__ = [
     "Corruption",
@@ -148,6 +149,11 @@ class SoftSamplerConfig:
             raise ValueError(f"unknown Soft Diffusion sampler {self.name!r}; use momentum or naive")
         if self.num_steps < 1:
             raise ValueError(f"sampler num_steps must be >= 1, got {self.num_steps}")
+
+    def sigmas(self, process: NoiseSchedule) -> Tensor:
+        """The process's noise stds on the sampler's time grid (``sampling_sigmas``), as
+        ``SamplerConfig.sigmas`` gives them for sigma-space samplers."""
+        return process.sampling_sigmas(self.num_steps)
 
 
 def run_soft_sampler(

@@ -55,6 +55,62 @@ def _check_sigmas(sigmas: Tensor) -> list[float]:
     return values
 
 
+def euler_to(
+    denoiser: Denoiser, x: Tensor, denoised: Tensor, sigma: float, target: float, cond: dict | None
+) -> Tensor:
+    """One Euler step of the probability-flow ODE from sigma to ``target`` given D(x, sigma):
+    x + (target - sigma)·(x - D)/sigma, written as D + (target/sigma)·(x - D) (exact at 0)."""
+    return denoised + (target / sigma) * (x - denoised)
+
+
+def dpm2_to(
+    denoiser: Denoiser, x: Tensor, denoised: Tensor, sigma: float, target: float, cond: dict | None
+) -> Tensor:
+    """One DPM-Solver-2 step (Lu et al. 2022, Algorithm 4 with r1 = 1/2) from sigma to
+    ``target`` given D(x, sigma): with lambda = -log sigma the midpoint is sqrt(sigma·target) and
+    x_next = x - (sigma - target)·eps_hat(x_mid, sigma_mid), the exact exponential-integrator
+    step. To target = 0 it is the (first-order) Euler step, which returns D. One extra call."""
+    if target == 0:
+        return denoised
+    d = (x - denoised) / sigma
+    mid = math.sqrt(sigma * target)
+    x_mid = x + (mid - sigma) * d
+    d_mid = (x_mid - call_denoiser(denoiser, x_mid, mid, cond)) / mid
+    return x + (target - sigma) * d_mid
+
+
+#: a deterministic step from sigma to a target sigma given D(x, sigma) (``euler_to``, ``dpm2_to``)
+Step = Callable[[Denoiser, Tensor, Tensor, float, float, dict | None], Tensor]
+
+
+def sample_ancestral(
+    step: Step,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Ancestral sampling with a deterministic ``step``: each interval sigma -> sigma_next goes
+    down to sigma_down with ``step`` and adds s_noise·sigma_up·z (``ancestral_step``; k-diffusion's
+    ``sample_euler_ancestral`` / ``sample_dpm_2_ancestral``). eta = 0 is the ODE solver itself.
+    Noise is drawn only for intervals with sigma_up > 0 (never on the last step to 0)."""
+    values = _check_sigmas(sigmas)
+    for i, (s, s_next) in enumerate(pairwise(values)):
+        denoised = call_denoiser(denoiser, x, s, cond)
+        down, up = ancestral_step(s, s_next, eta)
+        x = step(denoiser, x, denoised, s, down, cond)
+        if up > 0:
+            x = x + (up * s_noise) * standard_noise(x, generator)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+    return x
+
+
 def sample_euler(
     denoiser: Denoiser,
     x: Tensor,
@@ -68,13 +124,9 @@ def sample_euler(
 
     In sigma space this is exactly deterministic DDIM (Song et al. 2021). NFE = len(sigmas) - 1.
     """
-    values = _check_sigmas(sigmas)
-    for i, (s, s_next) in enumerate(pairwise(values)):
-        denoised = call_denoiser(denoiser, x, s, cond)
-        x = denoised + (s_next / s) * (x - denoised)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
-    return x
+    return sample_ancestral(
+        euler_to, denoiser, x, sigmas, eta=0.0, generator=generator, cond=cond, callback=callback
+    )
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -96,24 +148,20 @@ def sample_ddim(
     sigmas: Tensor,
     *,
     eta: float = 0.0,
+    s_noise: float = 1.0,
     generator: torch.Generator | None = None,
     cond: dict | None = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """DDIM with stochasticity eta (0: deterministic, 1: DDPM ancestral). NFE = len(sigmas) - 1.
 
-    Each step: x_next = x0_hat + sigma_down·eps_hat + sigma_up·z, eps_hat = (x - x0_hat)/sigma.
+    Each step: x_next = x0_hat + sigma_down·eps_hat + s_noise·sigma_up·z, eps_hat =
+    (x - x0_hat)/sigma. In sigma space this is k-diffusion's Euler ancestral sampler.
     """
-    values = _check_sigmas(sigmas)
-    for i, (s, s_next) in enumerate(pairwise(values)):
-        denoised = call_denoiser(denoiser, x, s, cond)
-        down, up = ancestral_step(s, s_next, eta)
-        x = denoised + (down / s) * (x - denoised)
-        if up > 0:
-            x = x + up * standard_noise(x, generator)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
-    return x
+    return sample_ancestral(
+        euler_to, denoiser, x, sigmas, eta=eta, s_noise=s_noise, generator=generator, cond=cond,
+        callback=callback,
+    )  # fmt: skip
 
 
 def sample_heun(
@@ -180,23 +228,8 @@ def sample_dpm_solver_2(
     cond: dict | None = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """DPM-Solver-2 (Lu et al. 2022, Algorithm 4 with r1 = 1/2) in sigma space.
-
-    With lambda = -log sigma the midpoint is sigma_mid = sqrt(sigma·sigma_next); the update
-    x_next = x - (sigma - sigma_next)·eps_hat(x_mid, sigma_mid) is the exact exponential-
-    integrator step. The last step to sigma = 0 is first order. NFE = 2N - 1.
-    """
-    values = _check_sigmas(sigmas)
-    for i, (s, s_next) in enumerate(pairwise(values)):
-        denoised = call_denoiser(denoiser, x, s, cond)
-        d = (x - denoised) / s
-        if s_next == 0:
-            x = denoised
-        else:
-            s_mid = math.sqrt(s * s_next)
-            x_mid = x + (s_mid - s) * d
-            d_mid = (x_mid - call_denoiser(denoiser, x_mid, s_mid, cond)) / s_mid
-            x = x + (s_next - s) * d_mid
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
-    return x
+    """DPM-Solver-2 (``dpm2_to``) in sigma space; the last step to sigma = 0 is first order.
+    NFE = 2N - 1."""
+    return sample_ancestral(
+        dpm2_to, denoiser, x, sigmas, eta=0.0, generator=generator, cond=cond, callback=callback
+    )
