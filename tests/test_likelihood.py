@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from noisecls.likelihood import ddpm_elbo_nll, dequantize, nll_to_bits_per_dim, ode_log_likelihood
+from noisecls.likelihood.ode import ode_likelihood
 from noisecls.oracles import GaussianMixture
 from noisecls.process.schedules import DiscreteSchedule
 
@@ -113,3 +114,61 @@ def test_bits_per_dim_offset_for_8bit_data():
     nll = torch.tensor([D * math.log(2)])
     assert nll_to_bits_per_dim(nll, D, 256).item() == pytest.approx(8.0)
     assert nll_to_bits_per_dim(nll, D).item() == pytest.approx(1.0)
+
+
+# ================================================================================= adaptive ODE
+def test_adaptive_ode_transports_the_exact_density(mixture):
+    """dopri5 with exact trace: the change of variables is exact along the flow, so the
+    integrated divergence plus the TRUE noisy log-density at the latent (not the Gaussian prior)
+    is log p_{sigma_min}(x) to the solver's tolerance; tighter tolerances cost more calls."""
+    x, _ = mixture.sample(16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    kwargs = {"sigma_min": 1e-2, "sigma_max": 80.0, "prior_std": 80.0, "trace": "exact"}
+    exact = mixture.noisy_log_prob(x, 1.0, 1e-2)
+    errors, calls = [], []
+    for tol in (1e-3, 1e-6):
+        out = ode_likelihood(mixture.denoiser(), x, solver="dopri5", rtol=tol, atol=tol, **kwargs)
+        transported = out.delta_log_prob + mixture.noisy_log_prob(out.latent, 1.0, 80.0)
+        errors.append(float((transported - exact).abs().max()))
+        calls.append(out.nfe)
+        assert out.latent.shape == x.shape and out.solver == "dopri5" and out.rtol == tol
+        assert torch.allclose(out.log_likelihood, out.prior_log_prob + out.delta_log_prob)
+    assert errors[1] < 1e-4 and errors[1] < errors[0] / 10, errors
+    assert calls[1] > calls[0] > 6, calls
+    # the Gaussian prior at sigma_max = 80 is off by a few 1e-3 nats for this mixture
+    assert float((out.log_likelihood - exact).abs().max()) < 1e-2
+
+
+def test_rk4_path_counts_four_calls_per_step_and_agrees_with_dopri5(mixture):
+    x, _ = mixture.sample(8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    kwargs = {"sigma_min": 1e-2, "sigma_max": 80.0, "prior_std": 80.0, "trace": "exact"}
+    rk4 = ode_likelihood(mixture.denoiser(), x, solver="rk4", num_steps=24, **kwargs)
+    adaptive = ode_likelihood(mixture.denoiser(), x, solver="dopri5", rtol=1e-5, atol=1e-5,
+                              **kwargs)  # fmt: skip
+    assert rk4.nfe == 4 * 24 and rk4.num_steps == 24 and rk4.rtol is None
+    assert torch.allclose(rk4.log_likelihood, adaptive.log_likelihood, atol=2e-3)
+    assert torch.equal(ode_log_likelihood(mixture.denoiser(), x, num_steps=24, **kwargs),
+                       rk4.log_likelihood)  # fmt: skip
+
+
+def test_hutchinson_spread_falls_as_one_over_root_k(mixture):
+    x, _ = mixture.sample(8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    kwargs = {"sigma_min": 1e-2, "sigma_max": 80.0, "prior_std": 80.0, "num_steps": 1}
+    g = torch.Generator().manual_seed(9)
+
+    def spread(k: int) -> float:
+        runs = [ode_log_likelihood(mixture.denoiser(), x, num_probes=k, generator=g, **kwargs)
+                for _ in range(32)]  # fmt: skip
+        return float(torch.stack(runs).std(0).mean())
+
+    ratio = spread(16) / spread(1)
+    assert 0.15 < ratio < 0.4, ratio  # 1/sqrt(16) = 0.25
+
+
+def test_ode_likelihood_rejects_bad_options(mixture):
+    x = torch.zeros(2, 2)
+    base = {"sigma_min": 1e-2, "sigma_max": 80.0, "prior_std": 80.0}
+    for options, message in [({"solver": "euler"}, "rk4 or dopri5"),
+                             ({"num_probes": 0}, "num_probes"),
+                             ({"solver": "dopri5", "rtol": 0.0}, "tolerances")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ode_likelihood(mixture.denoiser(), x, **base, **options)

@@ -27,10 +27,12 @@ from noisecls.callbacks import (
     InceptionFeatures,
     NLLCallback,
     ResultsWriter,
+    metric_records,
 )
 from noisecls.callbacks.results import shard_rounds
 from noisecls.data import DigitsDataModule, ToyDataModule
 from noisecls.errors import NoiseclsError
+from noisecls.likelihood.ode import ode_likelihood
 from noisecls.methods import DDM
 from noisecls.methods.base import DiffusionModule
 from noisecls.nets import ResidualMLP
@@ -357,6 +359,37 @@ def test_nll_of_the_exact_denoiser(mixture_data: ToyDataModule, tmp_path: Path) 
     assert worse.last_result["nats_per_dim"] > bound["nats_per_dim"] + 0.1
 
 
+class AdaptiveOracle(OracleModule):
+    """OracleModule whose log_likelihood exposes the ODE's solver options (as a method passes
+    them to ``ode_likelihood``) and remembers the NFE the estimator reported."""
+
+    def log_likelihood(self, x, *, estimator="ode", solver="rk4", rtol=1e-5, atol=1e-5,
+                       trace="hutchinson", num_probes=1, num_steps=64, generator=None):  # type: ignore[no-untyped-def]  # fmt: skip
+        low, high = self.schedule.sigma_range()
+        out = ode_likelihood(self.denoiser(), x, sigma_min=low, sigma_max=high,
+                             prior_std=self.schedule.terminal_std(high), solver=solver, rtol=rtol,
+                             atol=atol, trace=trace, num_probes=num_probes, num_steps=num_steps,
+                             generator=generator)  # fmt: skip
+        self.reported_nfe = out.nfe
+        return out.log_likelihood
+
+
+def test_nll_with_the_adaptive_solver_names_it_in_the_results(
+    mixture_data: ToyDataModule, tmp_path: Path
+) -> None:
+    module = AdaptiveOracle(mixture_data.oracle)
+    cb = NLLCallback(estimator="ode", solver="dopri5", rtol=1e-4, atol=1e-4, num_probes=2,
+                     num_samples=64, batch_size=64)  # fmt: skip
+    trainer = _trainer(tmp_path, [cb])
+    trainer.test(module, datamodule=mixture_data, verbose=False)
+    record = next(r for r in metric_records(trainer) if r.metric == "test/nll_bpd")
+    assert record.sampler == "ode(dopri5,rtol=0.0001,atol=0.0001,hutchinson,K=2)"
+    assert record.nfe == module.reported_nfe > 6  # the callback counted what the solver did
+    x = mixture_data.test_set.x[:64].double()
+    exact = -mixture_data.oracle.noisy_log_prob(x, 1.0, module.schedule.sigma_range()[0]).mean()
+    assert abs(cb.last_result["nats_per_dim"] - float(exact) / 2) < 0.05
+
+
 class UniformDensity(_EvalOnly):
     """The uniform density on [-1, 1]^D (log p = -D log 2); records what it is asked about."""
 
@@ -475,7 +508,7 @@ def test_results_file_and_wandb_table(mixture_data: ToyDataModule, tmp_path: Pat
     records = {r["metric"]: r for r in payload["records"]}
     assert payload["world_size"] == 1 and payload["model"].endswith("OracleModule")
     nll = records["test/nll_bpd"]
-    assert nll["samples"] == 32 and nll["sampler"] == "ode(exact,8)" and nll["nfe"] == 32
+    assert nll["samples"] == 32 and nll["sampler"] == "ode(rk4,8,exact)" and nll["nfe"] == 32
     assert nll["value"] == pytest.approx(callbacks[0].last_result["bpd"])
     assert records["test/denoise_mse/sigma=2"]["samples"] == 64
     assert records["test/denoise_mse_oracle/sigma=0.5"]["per_rank_samples"] == [64]
@@ -485,7 +518,7 @@ def test_results_file_and_wandb_table(mixture_data: ToyDataModule, tmp_path: Pat
     assert table[0] == "| metric | value | samples | sampler | NFE | seconds |"
     assert len(table) == 2 + len(records)
     nll_row = next(line for line in table if line.startswith("| test/nll_bpd |"))
-    assert nll_row.split(" | ")[2:5] == ["32", "ode(exact,8)", "32"]
+    assert nll_row.split(" | ")[2:5] == ["32", "ode(rk4,8,exact)", "32"]
 
     # the same table went to W&B (offline run files)
     tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/test/results_*.table.json"))

@@ -47,12 +47,31 @@ from noisecls.callbacks.results import (
 )
 from noisecls.denoisers import CountingDenoiser
 from noisecls.likelihood import dequantize, nll_to_bits_per_dim
+from noisecls.likelihood.ode import ode_likelihood
 from noisecls.randomness import derive_seed
 
-__all__ = ["NLLCallback"]
+__all__ = ["NLLCallback", "describe_estimator"]
 
-#: options shown in the results table's sampler column, per estimator
-_DESCRIBED_OPTIONS = {"ode": ("trace", "num_steps"), "elbo": ("num_levels",)}
+
+def describe_estimator(name: str, options: dict[str, Any]) -> str:
+    """A likelihood estimator as a short string for results tables. The ODE names its solver,
+    its steps (rk4) or tolerances (dopri5), the trace and the Hutchinson probes, e.g.
+    ``ode(rk4,64,hutchinson,K=1)`` or ``ode(dopri5,rtol=1e-05,atol=1e-05,exact)``; missing
+    options take ``ode_likelihood``'s defaults. The ELBO names its levels (``elbo(100)``)."""
+    if name == "ode":
+        options = method_defaults(ode_likelihood) | options
+        parts = [str(options["solver"])]
+        if options["solver"] == "dopri5":
+            parts += [f"rtol={options['rtol']:g}", f"atol={options['atol']:g}"]
+        else:
+            parts.append(str(options["num_steps"]))
+        parts.append(str(options["trace"]))
+        if options["trace"] == "hutchinson":
+            parts.append(f"K={options['num_probes']}")
+        return f"ode({','.join(parts)})"
+    if name == "elbo" and options.get("num_levels") is not None:
+        return f"elbo({options['num_levels']})"
+    return name
 
 
 class NLLCallback(EvaluationCallback):
@@ -63,7 +82,10 @@ class NLLCallback(EvaluationCallback):
         estimator: passed as ``estimator=`` ("ode", "elbo", or a method's own); None: the
             method's default.
         trace: "exact" or "hutchinson" (ODE estimator); None: the method's default.
-        num_steps: integration steps (ODE estimator); None: the method's default.
+        num_steps: integration steps (ODE estimator, rk4); None: the method's default.
+        solver: "rk4" or "dopri5" (adaptive; ODE estimator); None: the method's default.
+        rtol, atol: dopri5's tolerances; None: the method's default.
+        num_probes: Hutchinson probes K per evaluation; None: the method's default.
         every_n_epochs: during fit, evaluate after epochs e with (e + 1) % n == 0 (0: only in
             validate / test).
         batch_size: examples per ``log_likelihood`` call, per rank.
@@ -85,6 +107,10 @@ class NLLCallback(EvaluationCallback):
         estimator: str | None = None,
         trace: str | None = None,
         num_steps: int | None = None,
+        solver: str | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        num_probes: int | None = None,
         every_n_epochs: int = 1,
         batch_size: int = 128,
         seed: int = 0,
@@ -100,6 +126,7 @@ class NLLCallback(EvaluationCallback):
         self.estimator = estimator
         self.trace = trace
         self.num_steps = num_steps
+        self.ode_options = {"solver": solver, "rtol": rtol, "atol": atol, "num_probes": num_probes}
         self.every_n_epochs = every_n_epochs
         self.batch_size = batch_size
         self.seed = seed
@@ -117,7 +144,8 @@ class NLLCallback(EvaluationCallback):
         self.evaluate(trainer, pl_module)
 
     def _options(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        wanted = {"estimator": self.estimator, "trace": self.trace, "num_steps": self.num_steps}
+        wanted = {"estimator": self.estimator, "trace": self.trace, "num_steps": self.num_steps,
+                  **self.ode_options}  # fmt: skip
         wanted = {k: v for k, v in wanted.items() if v is not None} | self.estimator_kwargs
         accepted, dropped = supported_kwargs(pl_module.log_likelihood, wanted)
         if dropped and not self._warned:
@@ -129,13 +157,12 @@ class NLLCallback(EvaluationCallback):
         return accepted
 
     def describe(self, pl_module: L.LightningModule) -> str:
-        """The estimator as a short string for results tables, e.g. ``ode(exact,64)``: the
-        options given here, else the defaults of the method's ``log_likelihood``."""
+        """The estimator as a short string for results tables (``describe_estimator``, e.g.
+        ``ode(rk4,64,hutchinson,K=1)``): the options given here, else the defaults of the
+        method's ``log_likelihood``."""
         options = method_defaults(pl_module.log_likelihood) | self._options(pl_module)
         name = str(options.get("estimator", type(pl_module).__name__))
-        keys = _DESCRIBED_OPTIONS.get(name, ())
-        extras = [str(options[k]) for k in keys if options.get(k) is not None]
-        return f"{name}({','.join(extras)})" if extras else name
+        return describe_estimator(name, options)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Compute and log the held-out NLL; returns ``last_result``."""
