@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -80,6 +81,7 @@ class MetricRecord:
 
 
 _RECORDS: weakref.WeakKeyDictionary[Any, list[MetricRecord]] = weakref.WeakKeyDictionary()
+log = logging.getLogger("noisecls.metrics")
 
 
 def metric_records(trainer: L.Trainer) -> list[MetricRecord]:
@@ -90,7 +92,9 @@ def metric_records(trainer: L.Trainer) -> list[MetricRecord]:
 
 
 def record_metric(trainer: L.Trainer, metric: str, value: float, **fields: Any) -> MetricRecord:
-    """Append a :class:`MetricRecord` for ``metric`` (stage, epoch and step filled in)."""
+    """Append a :class:`MetricRecord` for ``metric`` (stage, epoch and step filled in) and, on
+    rank 0, log it as one line to the ``noisecls.metrics`` logger (progress of long evaluations;
+    the curves' points, ``.../sigma=...``, at debug level)."""
     record = MetricRecord(
         metric=metric,
         value=float(value),
@@ -100,7 +104,18 @@ def record_metric(trainer: L.Trainer, metric: str, value: float, **fields: Any) 
         **fields,
     )
     metric_records(trainer).append(record)
+    if trainer.is_global_zero:
+        level = logging.DEBUG if "=" in metric else logging.INFO
+        log.log(level, "%s = %.6g (%s)", metric, record.value, describe_record(record))
     return record
+
+
+def describe_record(r: MetricRecord) -> str:
+    """How a value was computed, e.g. ``1000 samples, ddim(50), NFE 50, 61.2 s``."""
+    parts = [f"{r.samples} samples" if r.samples is not None else "",
+             r.sampler or "", f"NFE {r.nfe}" if r.nfe is not None else "",
+             f"{r.seconds:.1f} s" if r.seconds is not None else ""]  # fmt: skip
+    return ", ".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------------------- plumbing
@@ -352,6 +367,14 @@ class Stopwatch:
 
 # ---------------------------------------------------------------------------------------- writer
 RESULT_COLUMNS = ["metric", "value", "samples", "sampler", "NFE", "seconds"]
+#: what the table's columns mean, under results.md (KID's scale depends on the feature space)
+RESULT_NOTES = (
+    "samples: generated samples or held-out examples the value was computed from. NFE: denoiser "
+    "evaluations per sample (per example for likelihoods). seconds: wall-clock time of the "
+    "metric. KID: unbiased squared MMD of the cubic polynomial kernel (x·y/d + 1)³ in the FID "
+    "feature space, in squared feature units: it scales with the features (DigitsFeatures: "
+    "1e3..1e6; Inception: 1e-3..1e-1), so compare it only within one feature space."
+)
 
 
 class ResultsWriter(Callback):
@@ -364,9 +387,10 @@ class ResultsWriter(Callback):
     * ``results.json``: ``{"checkpoint", "model", "world_size", "records": [{metric, value,
       samples, sampler, nfe, seconds, per_rank_samples, stage, epoch, step}, ...]}``;
     * ``results.md``: a Markdown table with columns metric | value | samples | sampler | NFE |
-      seconds.
+      seconds, and a note saying what the columns and KID's units mean.
 
-    With a WandbLogger the same table is logged as the W&B table ``test/results``.
+    With a WandbLogger the same table is logged as the W&B table ``test/results``. The paths of
+    both files are logged (``noisecls.metrics``) at the end.
     """
 
     def __init__(self, path_dir: str | None = None) -> None:
@@ -408,10 +432,12 @@ class ResultsWriter(Callback):
             "|" + "|".join(["---"] * len(RESULT_COLUMNS)) + "|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", RESULT_NOTES]
         atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
         self.written = [out_dir / "results.json", out_dir / "results.md"]
         for logger in wandb_loggers(trainer):
             logger.log_table(key="test/results", columns=RESULT_COLUMNS, data=rows)
+        log.info("results: %s and %s", *self.written)
 
 
 def _jsonable_record(r: MetricRecord) -> dict[str, Any]:

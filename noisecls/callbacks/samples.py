@@ -1,8 +1,9 @@
 """Samples: a grid to the logger at each validation, and the writer behind ``noisecls predict``.
 
 * :class:`SampleGridCallback`: ``num_samples`` samples from fixed seeds (the same every time, so
-  grids are comparable across epochs) as a ``torchvision.utils.make_grid`` image (W&B image,
-  TensorBoard image, else a PNG in ``<log dir>/samples/``); 2-D data as a scatter plot instead.
+  grids are comparable across epochs), at validation and in test, as a
+  ``torchvision.utils.make_grid`` image (a PNG in ``<log dir>/samples/``, also to W&B /
+  TensorBoard); 2-D data as a scatter plot instead.
 * :class:`SampleWriter`: a ``BasePredictionWriter`` writing each predict batch to
   ``output_dir/samples_{first_seed:08d}-{last_seed:08d}.npz`` (keys ``samples`` float32 in data
   scale [B, *data_shape], ``seeds`` int64 [B], ``labels`` int64 [B] for class-conditional models,
@@ -98,22 +99,24 @@ def scatter_figure(points: Tensor, title: str = "") -> Any:
 
 # ---------------------------------------------------------------------------------------- grid
 class SampleGridCallback(EvaluationCallback):
-    """Logs ``num_samples`` samples from fixed seeds at each (every n-th) validation.
+    """Draws ``num_samples`` samples from fixed seeds at each (every n-th) validation and in test.
 
-    Images ([C, H, W] data): a grid (W&B image with a WandbLogger, TensorBoard image with a
-    TensorBoardLogger, otherwise ``<log dir>/samples/<stage>_epoch..._step....png``). Vector data
-    with D >= 2 (toys): a scatter plot of the first two coordinates, logged the same way. Rank 0
-    samples; other ranks only join the log-dir broadcast.
+    Images ([C, H, W] data): a grid; vector data with D >= 2 (toys): a scatter plot of the first
+    two coordinates. The picture is always written as
+    ``<log dir>/samples/<stage>_epoch..._step....png`` (``stage``: val / test) and handed to the
+    loggers that take images (W&B image, TensorBoard image / figure) under ``<stage>/samples``.
+    Rank 0 samples; other ranks only join the log-dir broadcast.
 
     Args:
         num_samples: samples per grid.
-        every_n_epochs: during fit, after epochs e with (e + 1) % n == 0; always in validate.
+        every_n_epochs: during fit, after epochs e with (e + 1) % n == 0; always in validate and
+            test.
         seed: seed of the samples (same grid seeds every time).
         sampler: sampler; default the module's own.
         nrow: images per grid row (default ceil(sqrt(num_samples))).
 
     Attributes:
-        last_path: the PNG written last (None when a logger took the image).
+        last_path: the PNG written last.
     """
 
     def __init__(
@@ -137,8 +140,11 @@ class SampleGridCallback(EvaluationCallback):
         if should_evaluate(trainer, self.every_n_epochs):
             self.log_samples(trainer, pl_module)
 
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_samples(trainer, pl_module)
+
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Sample on rank 0 and hand the picture to the loggers (or write a PNG)."""
+        """Sample on rank 0, write the picture and hand it to the loggers."""
         out_dir = log_directory(trainer) / "samples"  # collective: every rank
         if not trainer.is_global_zero:
             return
@@ -158,35 +164,26 @@ class SampleGridCallback(EvaluationCallback):
         prefix = metric_prefix(trainer)
         key = f"{prefix}/samples"
         step = trainer.global_step
-        title = f"{prefix} samples, epoch {trainer.current_epoch}, step {step}"
-        taken = False
-        self.last_path = None
+        path = out_dir / f"{prefix}_epoch{trainer.current_epoch:04d}_step{step:08d}.png"
         if is_image_shape(samples.shape[1:]):
             grid = image_grid(samples, self.nrow)
+            save_png(grid, path)
             for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=step)
-                    taken = True
-                elif isinstance(logger, TensorBoardLogger):
+                if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(key, grid, global_step=step)
-                    taken = True
-            if not taken:
-                path = out_dir / f"{prefix}_epoch{trainer.current_epoch:04d}_step{step:08d}.png"
-                save_png(grid, path)
-                self.last_path = path
         elif samples[0].numel() >= 2:
+            title = f"{prefix} samples, epoch {trainer.current_epoch}, step {step}"
             fig = scatter_figure(samples, title)
+            save_figure(fig, path)
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_figure(key, fig, global_step=step)
-                    taken = True
-            path = out_dir / f"{prefix}_epoch{trainer.current_epoch:04d}_step{step:08d}.png"
-            if not taken or any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
-                save_figure(fig, path)
-                self.last_path = path
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=key, images=[str(path)], step=step)
+        else:
+            return
+        self.last_path = path
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[str(path)], step=step)
 
 
 # ---------------------------------------------------------------------------------------- writer
