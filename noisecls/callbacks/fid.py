@@ -1,11 +1,11 @@
 """FID and KID of generated samples against the training split, during fit and in ``test``.
 
-Computed identically for every method through ``pl_module.sample()`` with torchmetrics'
-``FrechetInceptionDistance`` / ``KernelInceptionDistance``. The feature network is a pluggable
+Computed identically for every method through ``pl_module.sample()`` with the functions of
+:mod:`noisecls.metrics` (``FeatureStatistics``, ``frechet_distance``, ``kid_from_features``: the
+same numbers as ``noisecls fid`` over sample folders). The feature network is a pluggable
 :class:`~noisecls.callbacks.features.FeatureExtractor` (Inception-v3 for published-comparable
-numbers, a small digits CNN or raw coordinates at CPU scale); the torchmetrics metrics are given a
-pass-through ``feature`` module and fed features, because extraction is sharded across ranks and
-the reference statistics come from a cache.
+numbers, a small digits CNN or raw coordinates at CPU scale); extraction is sharded across ranks
+and the reference statistics come from a cache.
 
 How it runs (see :mod:`noisecls.callbacks.results` for the DDP scheme):
 
@@ -22,9 +22,9 @@ How it runs (see :mod:`noisecls.callbacks.results` for the DDP scheme):
    ``torch.Generator().manual_seed(derive_seed(seed, b))``, so ranks use distinct seeds, exactly
    ``num_samples`` samples are counted, and the result does not depend on the number of ranks.
    Class-conditional methods get labels drawn uniformly from the same generator.
-3. Features are gathered round by round in global order into metrics held (and computed) on every
-   rank, without torchmetrics' own synchronisation: every rank computes the same value. KID's
-   random subsets are drawn under a fixed seed.
+3. Features are gathered round by round in global order into statistics held (and computed) on
+   every rank: every rank computes the same value. KID's random subsets are drawn from a
+   generator seeded by ``seed``.
 
 Logged: ``val/fid``, ``val/kid``, ``val/kid_std`` (``test/...`` in ``noisecls test``).
 """
@@ -39,10 +39,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from noisecls.callbacks.features import FeatureExtractor, InceptionFeatures, default_cache_dir
 from noisecls.callbacks.results import (
@@ -60,6 +58,7 @@ from noisecls.callbacks.results import (
     should_evaluate,
     split_batch,
 )
+from noisecls.metrics import FeatureStatistics, frechet_distance, kid_from_features
 from noisecls.randomness import derive_seed
 from noisecls.samplers import SamplerConfig
 
@@ -70,27 +69,24 @@ _CACHE_FORMAT = 1
 _LOADER_ONLY_HPARAMS = {"batch_size", "eval_batch_size", "num_workers", "pin_memory"}
 
 
-class _Precomputed(nn.Module):
-    """The ``feature`` module given to torchmetrics: features in, features out."""
+def describe_sampler(sampler: Any) -> str:
+    """A sampler config as a short string for results tables: ``heun(18)``, with its sigma
+    ladder when not the schedule's own (``heun(18,karras)``) and x0 clipping (``,clip=1``)."""
+    extras = [str(sampler.num_steps)]
+    if getattr(sampler, "ladder", "schedule") != "schedule":
+        extras.append(sampler.ladder)
+    if getattr(sampler, "clip_x0", None) is not None:
+        extras.append(f"clip={sampler.clip_x0:g}")
+    return f"{sampler.name}({','.join(extras)})"
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
 
-    def forward(self, features: Tensor) -> Tensor:
-        return features
-
-
-class RealStatistics:
-    """Reference-set feature statistics: ``total`` [d] and ``outer`` [d, d] float64 sums over
-    ``count`` images, and ``kid_features`` [m, d] float32 (a fixed subset; m = 0 without KID)."""
+class RealStatistics(FeatureStatistics):
+    """Reference-set feature statistics (``total`` [d] and ``outer`` [d, d] float64 sums over
+    ``count`` images) and ``kid_features`` [m, d] float32 (a fixed subset; m = 0 without KID)."""
 
     def __init__(self, total: Tensor, outer: Tensor, count: int, kid_features: Tensor) -> None:
-        self.total, self.outer, self.count, self.kid_features = total, outer, count, kid_features
-
-    @property
-    def num_features(self) -> int:
-        return self.total.shape[0]
+        super().__init__(total, outer, count)
+        self.kid_features = kid_features
 
 
 def dataset_description(datamodule: Any, dataset: Dataset) -> dict[str, Any]:
@@ -236,7 +232,7 @@ class FIDCallback(EvaluationCallback):
         result.update(real_stats_source=source, seconds=watch.seconds)
         self.last_result = result
         sampler = self.sampler or getattr(pl_module, "sampler", None)
-        sampler_name = f"{sampler.name}({sampler.num_steps})" if sampler is not None else None
+        sampler_name = describe_sampler(sampler) if sampler is not None else None
         values = {"fid": result["fid"]}
         if result.get("kid") is not None:
             values.update(kid=result["kid"], kid_std=result["kid_std"])
@@ -262,21 +258,9 @@ class FIDCallback(EvaluationCallback):
         device: torch.device,
     ) -> dict[str, Any]:
         d = real.num_features
-        fid = FrechetInceptionDistance(
-            feature=_Precomputed(d), reset_real_features=False, sync_on_compute=False
-        ).to(device)
-        fid.real_features_sum = real.total.to(device)
-        fid.real_features_cov_sum = real.outer.to(device)
-        fid.real_features_num_samples = torch.tensor(real.count, device=device)
-        kid = None
-        if self.compute_kid and real.kid_features.shape[0] >= 2:
-            kid = KernelInceptionDistance(
-                feature=_Precomputed(d),
-                subsets=self.kid_subsets,
-                subset_size=self.kid_subset_size,
-                sync_on_compute=False,
-            ).to(device)
-            kid.update(real.kid_features.to(device, torch.float64), real=True)
+        fake = FeatureStatistics.empty(d, device)
+        keep_kid = self.compute_kid and real.kid_features.shape[0] >= 2
+        fake_rows: list[Tensor] = []
         sampler = self.sampler or getattr(pl_module, "sampler", None)
         num_classes = getattr(trainer.datamodule, "num_classes", None)
         local_generated, nfe = 0, None
@@ -300,26 +284,25 @@ class FIDCallback(EvaluationCallback):
             for rows in gather_round(
                 trainer, features, self.batch_size, (d,), torch.float32, device
             ):
-                fid.update(rows.double(), real=False)
-                if kid is not None:
-                    kid.update(rows.double(), real=False)
-        num_fake = int(fid.fake_features_num_samples)
+                fake.update(rows)
+                if keep_kid:
+                    fake_rows.append(rows.cpu())
         result: dict[str, Any] = {
-            "fid": float(fid.compute()),
+            "fid": frechet_distance(real.to(device), fake),
             "kid": None,
             "kid_std": None,
-            "num_fake": num_fake,
+            "num_fake": fake.count,
             "num_real": real.count,
             "local_generated": local_generated,
             "per_rank_generated": rank_counts(trainer, local_generated, device),
             "nfe": int(nfe) if nfe is not None else None,
         }
-        if kid is not None:
-            kid.subset_size = min(self.kid_subset_size, real.kid_features.shape[0], num_fake)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.seed, 0x4B4944))  # same subsets on every rank
-                kid_mean, kid_std = kid.compute()
-            result.update(kid=float(kid_mean), kid_std=float(kid_std))
+        if keep_kid:  # the same subsets on every rank
+            g = torch.Generator().manual_seed(derive_seed(self.seed, 0x4B4944))
+            result["kid"], result["kid_std"] = kid_from_features(
+                real.kid_features, torch.cat(fake_rows), subsets=self.kid_subsets,
+                subset_size=self.kid_subset_size, generator=g,
+            )  # fmt: skip
         return result
 
     # ---- reference statistics ------------------------------------------------------------
@@ -405,7 +388,7 @@ class FIDCallback(EvaluationCallback):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
             keep[perm[: self.kid_max_real]] = True
         d = None
-        total = outer = None
+        stats: FeatureStatistics | None = None
         kid_rows: list[Tensor] = []
         world = trainer.world_size
         workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0)
@@ -417,20 +400,18 @@ class FIDCallback(EvaluationCallback):
                 features = self.extractor(x.to(device)).float()
             if d is None:  # every rank has a batch in round 0 or n < world·batch_size
                 d = self._feature_dim(trainer, features, device)
-                total = torch.zeros(d, dtype=torch.float64, device=device)
-                outer = torch.zeros(d, d, dtype=torch.float64, device=device)
+                stats = FeatureStatistics.empty(d, device)
+            assert stats is not None
             chunks = gather_round(trainer, features, self.batch_size, (d,), torch.float32, device)
             for j, rows in enumerate(chunks):
                 start = (i * world + j) * self.batch_size
-                f = rows.double()
-                total += f.sum(0)
-                outer += f.T @ f
+                stats.update(rows)
                 mask = keep[start : start + rows.shape[0]].to(device)
                 if mask.any():
                     kid_rows.append(rows[mask].cpu())
-        assert total is not None and outer is not None and d is not None
+        assert stats is not None and d is not None
         kid = torch.cat(kid_rows) if kid_rows else torch.zeros(0, d)
-        return RealStatistics(total.cpu(), outer.cpu(), n, kid)
+        return RealStatistics(stats.total.cpu(), stats.outer.cpu(), n, kid)
 
     def _feature_dim(
         self, trainer: L.Trainer, features: Tensor | None, device: torch.device
