@@ -6,8 +6,11 @@ attention, and again with the "math" attention CDM must use), the CDM (0.001·CE
 gradient denoiser: one forward, an input-gradient backward with create_graph, then the backward
 of both) and its CE-only ablation (no double backward). Denoiser call (what a sampler pays per
 step, no parameter gradients): the DDM's eps network vs the CDM gradient denoiser (forward plus
-an input-gradient backward). Every variant runs in its own subprocess, so its peak memory
-(CUDA allocator peak on GPU, max RSS on CPU) is its own; "+step" is the part the steps add.
+an input-gradient backward): the sampling cost per denoiser call, printed as a ratio next to
+the training-step ratio. Every variant runs in its own subprocess, so its peak memory (CUDA
+allocator peak on GPU, max RSS on CPU) is its own; "+step" is the part the steps add. The
+variants are interleaved over ``--repeats`` rounds, one torch thread per process
+(``--threads``); ratios are medians of per-round ratios with their spread (flagged above 10%).
 Target: CDM step <= 2.5x the DDM step.
 
     python benchmarks/bench_cdm.py                       # CPU, small U-Net on 16x16
@@ -21,8 +24,22 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    Spread,
+    add_repeat_arguments,
+    configure_threads,
+    interleave,
+    paired_ratio,
+    peak_memory_mib,
+    ratio_text,
+    reset_peak_memory,
+    time_per_call,
+)
 
 TRAIN_VARIANTS = ("ddm", "ddm-math", "cdm", "cdm-ce-only")
 CALL_VARIANTS = ("ddm-denoiser", "cdm-denoiser")
@@ -55,8 +72,6 @@ def build(args: argparse.Namespace, variant: str):
 
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
-    from common import peak_memory_mib, reset_peak_memory, time_per_call
-
     device = torch.device(args.device)
     model = build(args, variant.removesuffix("-denoiser")).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -100,29 +115,28 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
+    add_repeat_arguments(p, repeats=3)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     if args.variant:
         print(json.dumps(run_variant(args, args.variant)))
         return
-    results: dict[str, dict] = {}
-    for _ in range(args.rounds):  # alternate the variants; keep each one's fastest round
-        for variant in (*TRAIN_VARIANTS, *CALL_VARIANTS):
-            out = subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--variant", variant],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            if variant not in results or r["sec"] < results[variant]["sec"]:
-                results[variant] = r
+    last: dict[str, dict] = {}
+
+    def measure(variant: str) -> float:
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        last[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        return last[variant]["sec"]
+
+    times = interleave(measure, (*TRAIN_VARIANTS, *CALL_VARIANTS), args.repeats)
     print(
         f"CDM vs DDM, same U-Net trunk (width {args.channels}, mult {args.channel_mult}), batch "
         f"{args.batch}, {args.image_size}x{args.image_size}, device {args.device}, median of "
-        f"{args.steps} steps, best of {args.rounds} rounds"
+        f"{args.steps} steps, {args.threads} thread(s), {args.repeats} interleaved rounds"
     )
     rows = [
         ("ddm", "DDM train step (sdpa attention)", "ddm"),
@@ -132,22 +146,21 @@ def main() -> None:
         ("ddm-denoiser", "DDM denoiser call", "ddm-denoiser"),
         ("cdm-denoiser", "CDM gradient denoiser call", "ddm-denoiser"),
     ]
-    print(
-        f"{'variant':<34}{'params':>12}{'s/step':>10}{'x DDM':>8}{'peak MiB':>10}{'+step MiB':>11}"
-    )
+    print(f"{'variant':<34}{'params':>12}{'s/step':>10}{'x DDM':>8}{'spread':>8}{'peak MiB':>10}"
+          f"{'+step MiB':>11}")  # fmt: skip
     for key, label, ref in rows:
-        r = results[key]
-        ratio = r["sec"] / results[ref]["sec"]
+        r, ratio = last[key], paired_ratio(times[key], times[ref])
         print(
-            f"{label:<34}{r['params']:>12,}{r['sec']:>10.4f}{ratio:>8.2f}{r['peak_mib']:>10.0f}"
-            f"{r['step_mib']:>11.0f}"
+            f"{label:<34}{r['params']:>12,}{Spread.of(times[key]).median:>10.4f}"
+            f"{ratio.median:>8.2f}{ratio.spread:>8.1%}{r['peak_mib']:>10.0f}{r['step_mib']:>11.0f}"
         )
-    train_ratio = results["cdm"]["sec"] / results["ddm"]["sec"]
-    print(f"CDM / DDM training-step ratio: {train_ratio:.2f} (target <= 2.5)")
+    train = paired_ratio(times["cdm"], times["ddm"])
+    call = paired_ratio(times["cdm-denoiser"], times["ddm-denoiser"])
+    print(f"CDM / DDM training-step ratio: {ratio_text(train, 2)} (target <= 2.5)")
+    print(f"CDM / DDM sampling cost per denoiser call: {ratio_text(call, 2)}")
     print("peak MiB: CUDA allocator peak (GPU) or process max RSS (CPU); +step MiB: the peak")
     print("minus the memory held before the timed steps (model, batch; CPU: the process)")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
     main()

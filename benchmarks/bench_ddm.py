@@ -2,7 +2,9 @@
 PyTorch loop on the same model, batch and data, measured side by side in one run.
 
 Each variant runs in its own subprocess (so peak memory is its own) for ``--steps`` optimizer
-steps after ``--warmup``; the script prints seconds/step, the ratio and peak memory.
+steps after ``--warmup``, the two variants interleaved over ``--repeats`` rounds with one torch
+thread per process (``--threads``); the script prints the median seconds/step with its spread,
+the median per-round ratio with its spread (flagged above 10%) and peak memory.
 Target: overhead <= 5%.
 
     python benchmarks/bench_ddm.py                       # CPU, small U-Net on 16x16
@@ -16,10 +18,22 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import noisecls  # noqa: F401  (before lightning / torchvision: see noisecls._compat)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    add_repeat_arguments,
+    configure_threads,
+    interleave,
+    paired_ratio,
+    peak_memory_mib,
+    ratio_text,
+    seconds_text,
+)
 
 
 def build(args: argparse.Namespace):
@@ -52,7 +66,6 @@ def data(args: argparse.Namespace) -> torch.utils.data.DataLoader:
 
 def run_lightning(args: argparse.Namespace) -> dict:
     import lightning as L
-    from common import peak_memory_mib
 
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, *_):
@@ -84,8 +97,6 @@ def run_lightning(args: argparse.Namespace) -> dict:
 
 
 def run_plain(args: argparse.Namespace) -> dict:
-    from common import peak_memory_mib
-
     device = torch.device(args.device)
     model = build(args).to(device)
     model.train()
@@ -118,37 +129,37 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant")
     p.add_argument("--variant", choices=["lightning", "plain"], help=argparse.SUPPRESS)
+    add_repeat_arguments(p, repeats=5)
     args = p.parse_args()
+    configure_threads(args.threads)
     if args.variant:
         result = run_lightning(args) if args.variant == "lightning" else run_plain(args)
         print(json.dumps(result))
         return
-    results: dict[str, dict] = {}
-    for _ in range(args.rounds):  # alternate the variants; keep each one's best round
-        for variant in ("plain", "lightning"):
-            out = subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--variant", variant],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            if variant not in results or r["sec_per_step"] < results[variant]["sec_per_step"]:
-                results[variant] = r
-    plain, light = results["plain"], results["lightning"]
+    peaks: dict[str, float] = {}
+
+    def measure(variant: str) -> float:
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        peaks[variant] = max(peaks.get(variant, 0.0), r["peak_mib"])
+        return r["sec_per_step"]
+
+    times = interleave(measure, ("plain", "lightning"), args.repeats)
     print(
         f"DDM training step, batch {args.batch}, {args.image_size}x{args.image_size}, "
-        f"width {args.channels}, device {args.device}, {args.steps} timed steps"
+        f"width {args.channels}, device {args.device}, {args.steps} timed steps, "
+        f"{args.threads} thread(s), {args.repeats} interleaved rounds"
     )
-    print(f"{'variant':<22}{'s/step':>10}{'peak MiB':>12}")
-    print(f"{'hand-written loop':<22}{plain['sec_per_step']:>10.4f}{plain['peak_mib']:>12.0f}")
-    print(f"{'noisecls + Lightning':<22}{light['sec_per_step']:>10.4f}{light['peak_mib']:>12.0f}")
-    ratio = light["sec_per_step"] / plain["sec_per_step"]
-    print(f"overhead ratio: {ratio:.3f} (target <= 1.05)")
+    print(f"{'variant':<22}{'s/step (median, spread)':>28}{'peak MiB':>12}")
+    for key, label in (("plain", "hand-written loop"), ("lightning", "noisecls + Lightning")):
+        print(f"{label:<22}{seconds_text(times[key]):>28}{peaks[key]:>12.0f}")
+    ratio = paired_ratio(times["lightning"], times["plain"])
+    print(f"overhead ratio: {ratio_text(ratio)} (target <= 1.05)")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
     main()

@@ -13,11 +13,14 @@ samples and to train ``--train-steps`` discriminator steps, extrapolated to the 
 (``--paper-fake`` samples, ``--paper-steps`` steps) at this speed. Last, a discriminator on a
 frozen feature extractor (the score network's encoder): a training step running the extractor
 live vs one reading precomputed features (``DG.feature_cache``), seconds and (CUDA) peak memory.
+Compared variants are interleaved over ``--repeats`` rounds (one torch thread unless
+``--threads``); ratios are medians of per-round ratios with their spread, flagged above 10%.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,15 @@ import torch
 import noisecls  # noqa: F401  (before lightning / torchvision)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import synchronize, time_per_call
+from common import (
+    add_repeat_arguments,
+    configure_threads,
+    interleave_calls,
+    paired_ratio,
+    ratio_text,
+    synchronize,
+    time_per_call,
+)
 
 
 def build(args: argparse.Namespace, device: torch.device):
@@ -55,9 +66,9 @@ def build(args: argparse.Namespace, device: torch.device):
 
 def feature_cache_steps(
     dg, x: torch.Tensor, y: torch.Tensor, device: torch.device, repeats: int
-) -> tuple[float, float, int, int]:
-    """Seconds per discriminator training step with live / cached features, and (CUDA) the peak
-    memory in bytes of each."""
+) -> tuple[list[float], list[float], int, int]:
+    """Seconds per discriminator training step with live / cached features (one value per
+    interleaved round), and (CUDA) the peak memory in bytes of each."""
     import tempfile
 
     from torch.utils.data import TensorDataset
@@ -87,15 +98,15 @@ def feature_cache_steps(
             dg.classification(logits, y)[0].backward()
             opt.step()
 
-        out = []
-        for step in (live, cached):
+        times = interleave_calls({"live": live, "cached": cached}, device, repeats)
+        peaks = []
+        for step in (live, cached):  # (CUDA) peak memory of one step each
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = time_per_call(step, device, 2, repeats)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-            out.append((seconds, peak))
+            step()
+            peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
         dg.cached_features = None
-    return out[0][0], out[1][0], out[0][1], out[1][1]
+    return times["live"], times["cached"], peaks[0], peaks[1]
 
 
 def main() -> None:
@@ -109,11 +120,10 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--paper-fake", type=int, default=50000)
     parser.add_argument("--paper-steps", type=int, default=23460, help="60 epochs of 100k/256")
-    parser.add_argument("--repeats", type=int, default=10)
+    add_repeat_arguments(parser, repeats=5)
     args = parser.parse_args()
+    configure_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
     from noisecls.samplers import SamplerConfig
 
     score, dg, on_features = build(args, device)
@@ -122,15 +132,18 @@ def main() -> None:
     sigma = torch.full((args.batch,), 1.0, device=device, dtype=torch.float64)
     plain, guided = score.denoiser(), dg.denoiser()
     with torch.no_grad():
-        t_plain = time_per_call(lambda: plain(x, sigma), device, 2, args.repeats)
-        t_dg = time_per_call(lambda: guided(x, sigma), device, 2, args.repeats)
+        calls = {"plain": lambda: plain(x, sigma), "dg": lambda: guided(x, sigma)}
+        per_call = interleave_calls(calls, device, args.repeats)
     config = SamplerConfig("heun", args.steps)
     gen = torch.Generator(device=device).manual_seed(0)
     _, nfe_plain = score.sample(args.batch, generator=gen, sampler=config)
     _, nfe_dg = dg.sample(args.batch, generator=gen, sampler=config)
     print(f"device {device}, batch {args.batch}, {args.image_size}x{args.image_size}")
-    print(f"{'per denoiser call':<28}{'unguided':>12}{'DG':>12}{'ratio':>10}")
-    print(f"{'seconds':<28}{t_plain:>12.4f}{t_dg:>12.4f}{t_dg / t_plain:>10.2f}")
+    t_plain, t_dg = (statistics.median(per_call[k]) for k in ("plain", "dg"))
+    print(f"{'per denoiser call':<28}{'unguided':>12}{'DG':>12}")
+    print(f"{'seconds':<28}{t_plain:>12.4f}{t_dg:>12.4f}")
+    dg_ratio = paired_ratio(per_call["dg"], per_call["plain"])
+    print(f"DG / unguided per call: {ratio_text(dg_ratio, 2)}")
     print(f"{'Heun NFE (score network)':<28}{nfe_plain:>12d}{nfe_dg:>12d}")
 
     # pipeline split: fake-sample generation and discriminator training at this speed
@@ -151,7 +164,7 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    t_train = time_per_call(train_step, device, 2, args.train_steps)
+    t_train = time_per_call(train_step, device, 2, args.train_steps)  # absolute, not a ratio
     print(f"\n{'pipeline stage':<36}{'measured':>14}{'paper budget (extrap.)':>26}")
     print(f"{'fake generation, s/sample':<36}{t_gen:>14.4f}{t_gen * args.paper_fake:>22.0f} s")
     print(
@@ -162,8 +175,9 @@ def main() -> None:
     t_live, t_cached, m_live, m_cached = feature_cache_steps(
         on_features, x, y, device, args.train_steps
     )
-    print(f"\n{'discriminator on frozen features':<36}{'live':>12}{'cached':>12}{'ratio':>10}")
-    print(f"{'s/step':<36}{t_live:>12.4f}{t_cached:>12.4f}{t_live / t_cached:>10.2f}")
+    print(f"\n{'discriminator on frozen features':<36}{'live':>12}{'cached':>12}")
+    print(f"{'s/step':<36}{statistics.median(t_live):>12.4f}{statistics.median(t_cached):>12.4f}")
+    print(f"live / cached step: {ratio_text(paired_ratio(t_live, t_cached), 2)}")
     if device.type == "cuda":
         mib = 2**20
         print(f"{'peak memory, MiB':<36}{m_live / mib:>12.0f}{m_cached / mib:>12.0f}"

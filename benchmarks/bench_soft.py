@@ -6,6 +6,9 @@
    U-Net and batch: the corruption's overhead (target: <= 10%);
 3. the momentum sampler's own arithmetic vs the network evaluations it drives.
 
+Each comparison's variants are interleaved over ``--repeats`` rounds (one torch thread unless
+``--threads``); ratios are medians of per-round ratios with their spread, flagged above 10%.
+
     python benchmarks/bench_soft.py                        # CPU, small U-Net on 32x32
     python benchmarks/bench_soft.py --device cuda --image-size 64 --channels 128 --batch 128
 """
@@ -14,10 +17,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import time_per_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    add_repeat_arguments,
+    configure_threads,
+    interleave_calls,
+    paired_ratio,
+    ratio_text,
+    seconds_text,
+)
 
 import noisecls  # noqa: F401  (before torchvision / lightning)
 from noisecls.methods import DDM
@@ -71,42 +85,44 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--calls", type=int, default=5, help="timed calls per variant and round")
     p.add_argument("--sampler-steps", type=int, default=10)
+    add_repeat_arguments(p, repeats=5)
     args = p.parse_args()
+    configure_threads(args.threads)
     device = torch.device(args.device)
     shape = (3, args.image_size, args.image_size)
     x = (torch.rand(args.batch, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(
         device
     )
-    timed = {"warmup": 2, "repeats": args.repeats}
+    timed = {"repeats": args.repeats, "calls_per_round": args.calls}
 
-    print(f"device {device}, batch {args.batch} x {shape}")
+    print(f"device {device}, batch {args.batch} x {shape}, {args.threads} thread(s), "
+          f"{args.repeats} interleaved rounds")  # fmt: skip
     print("1. blur: DCT vs spatial convolution (symmetric padding)")
     for sigma in (1.0, 3.0, args.image_size / 8):
-        dct_s = time_per_call(lambda s=sigma: gaussian_blur(x, s), device, **timed)
+        calls = {"dct": lambda s=sigma: gaussian_blur(x, s)}
         if math.ceil(4 * sigma) <= args.image_size:
-            conv_s = time_per_call(lambda s=sigma: conv_blur(x, s), device, **timed)
+            calls["conv"] = lambda s=sigma: conv_blur(x, s)
+        times = interleave_calls(calls, device, **timed)
+        if "conv" in times:
             err = float((gaussian_blur(x, sigma, "continuous") - conv_blur(x, sigma)).abs().max())
-            conv = (
-                f"conv {conv_s * 1e3:8.2f} ms   dct/conv {dct_s / conv_s:5.2f}   "
-                f"max |diff| {err:.1e}"
-            )
+            ratio = paired_ratio(times["dct"], times["conv"])
+            conv = (f"conv {seconds_text(times['conv'])}   dct/conv {ratio_text(ratio, 2)}   "
+                    f"max |diff| {err:.1e}")  # fmt: skip
         else:
             conv = "conv: kernel wider than the image (padding impossible)"
-        print(f"   sigma {sigma:5.1f} px: dct {dct_s * 1e3:8.2f} ms   {conv}")
+        print(f"   sigma {sigma:5.1f} px: dct {seconds_text(times['dct'])}   {conv}")
 
     print("2. training step on the same U-Net: Soft Diffusion vs DDM")
     process = BlurNoiseProcess(blur_sigma_max=args.image_size / 2, kernel="continuous")
     soft = SoftDiffusion(unet(args), process, data_shape=shape).to(device)
     ddm = DDM(unet(args), DiscreteSchedule(), prediction="x0", data_shape=shape).to(device)
-    times = {}
-    for name, model in (("soft", soft), ("ddm", ddm)):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        times[name] = time_per_call(train_step(model, x, opt), device, **timed)
-    ratio = times["soft"] / times["ddm"]
-    print(f"   soft {times['soft'] * 1e3:8.1f} ms/step   ddm {times['ddm'] * 1e3:8.1f} ms/step   "
-          f"soft/ddm {ratio:5.3f}")  # fmt: skip
+    steps = {name: train_step(model, x, torch.optim.Adam(model.parameters(), lr=1e-4))
+             for name, model in (("soft", soft), ("ddm", ddm))}  # fmt: skip
+    times = interleave_calls(steps, device, **timed)
+    print(f"   soft {seconds_text(times['soft'])}/step   ddm {seconds_text(times['ddm'])}/step   "
+          f"soft/ddm {ratio_text(paired_ratio(times['soft'], times['ddm']))}")  # fmt: skip
 
     print(f"3. momentum sampler, {args.sampler_steps} steps: own arithmetic vs with the U-Net")
     soft.fit_statistics(x)
@@ -118,10 +134,11 @@ def main() -> None:
         with torch.no_grad():
             sample_momentum(predictor, process, x1, t, generator=torch.Generator(device))
 
-    own = time_per_call(lambda: run(lambda y, _t: y), device, **timed)
-    full = time_per_call(lambda: run(soft.predictor()), device, **timed)
-    print(f"   sampler alone {own * 1e3:8.1f} ms   with U-Net {full * 1e3:8.1f} ms   "
-          f"sampler share {own / full:6.1%}")  # fmt: skip
+    runs = {"own": lambda: run(lambda y, _t: y), "full": lambda: run(soft.predictor())}
+    times = interleave_calls(runs, device, **timed)
+    share = paired_ratio(times["own"], times["full"])
+    print(f"   sampler alone {seconds_text(times['own'])}   with U-Net "
+          f"{seconds_text(times['full'])}   sampler share {ratio_text(share)}")  # fmt: skip
 
 
 if __name__ == "__main__":
