@@ -2,7 +2,8 @@
 
 ``noisecls fit --config experiments/ddm_toy.yaml`` trains, ``noisecls test --config ... --ckpt_path
 ...`` evaluates, ``noisecls predict`` writes samples; ``noisecls compare RUN_DIR...`` tabulates
-and plots the ``results.json`` of many runs (:mod:`noisecls.compare`). Model and data are given in
+and plots the ``results.json`` of many runs (:mod:`noisecls.compare`); ``noisecls fid A B`` is
+the FID / KID of two sample sets (:func:`noisecls.metrics.fid_command`). Model and data are given in
 subclass mode (``class_path`` / ``init_args``). Problems the user can fix are printed as one line.
 
 Defaults a run gets without asking: CSV + offline W&B logging (:mod:`noisecls.run_loggers`;
@@ -327,7 +328,22 @@ def _configure_output() -> None:
 
 
 #: subcommands that are not Trainer functions: name -> "module:function(argv) -> exit code"
-EXTRA_SUBCOMMANDS = {"compare": "noisecls.compare:main"}
+EXTRA_SUBCOMMANDS = {"compare": "noisecls.compare:main", "fid": "noisecls.metrics:fid_command"}
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> NoiseclsCLI:
+    """The project's LightningCLI (``run=False``: parse and instantiate only, no subcommand)."""
+    return NoiseclsCLI(
+        DiffusionModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"inference_mode": False},
+        save_config_kwargs={"overwrite": True},
+        parser_class=OneLineErrorParser,
+        args=args,
+        run=run,
+    )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -338,16 +354,7 @@ def main(args: list[str] | None = None) -> None:
             module, _, function = EXTRA_SUBCOMMANDS[argv[0]].partition(":")
             sys.exit(getattr(importlib.import_module(module), function)(argv[1:]))
         _configure_output()
-        NoiseclsCLI(
-            DiffusionModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults={"inference_mode": False},
-            save_config_kwargs={"overwrite": True},
-            parser_class=OneLineErrorParser,
-            args=args,
-        )
+        build_cli(args)
     except NoiseclsError as err:
         sys.stderr.write(f"noisecls: error: {_one_line(str(err))}\n")
         sys.exit(1)

@@ -1,15 +1,25 @@
 """`noisecls` end to end in subprocesses: fit / test / predict from the YAML files, config
-round-trip, one-line errors, exact resume, non-finite loss."""
+round-trip, one-line errors, exact resume, non-finite loss, default loggers (offline W&B),
+progress lines and filtered warnings."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from noisecls.cli import _state_dict_mismatch, build_cli, main, read_checkpoint
+from noisecls.errors import NoiseclsError
+from noisecls.quiet import NEEDLESS_LOG_LINES, NEEDLESS_WARNINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "experiments" / "ddm_toy.yaml")
@@ -21,9 +31,11 @@ SMALL_TOY = [
 
 
 def noisecls(
-    *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+    *args: str, cwd: Path, timeout: int = 300, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess:
+    """Run the CLI (an ``env`` value of None removes that variable)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "noisecls.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -46,14 +58,23 @@ def load_weights(ckpt: Path) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def trained_toy(tmp_path_factory) -> tuple[Path, Path]:
+    """A 40-step toy fit with the progress bar on (stdout is a pipe: plain lines) and Python's
+    default warning filters (the CLI's own filters must hide the needless ones)."""
     cwd = tmp_path_factory.mktemp("toy")
     out = noisecls(
         "fit", "--config", TOY, "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
-        *SMALL_TOY, cwd=cwd,
+        *SMALL_TOY[:-2], cwd=cwd, env={"PYTHONWARNINGS": "default"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     ckpts = sorted(cwd.glob("runs/ddm_toy/**/last.ckpt"))
     assert ckpts, list(cwd.rglob("*"))
+    # plain progress lines, the step budget counted (not Lightning's "Epoch 9/-2")
+    assert re.search(r"^fit: step 40/40 \(100%\) · train/loss [0-9.]+ · .* it/s · elapsed "
+                     r"\d:\d\d:\d\d · ETA 0:00:00$", out.stdout, re.M), out.stdout  # fmt: skip
+    assert "/-2" not in out.stdout + out.stderr and "\x1b[" not in out.stdout
+    assert re.search(r"^validation at step 20 \([0-9.]+ s\): val/loss", out.stdout, re.M)
+    for needless in (*NEEDLESS_WARNINGS, *NEEDLESS_LOG_LINES):
+        assert not re.search(needless.pattern, out.stdout + out.stderr), needless.pattern
     return cwd, ckpts[-1]
 
 
@@ -67,9 +88,25 @@ def test_fit_writes_ema_checkpoint(trained_toy):
 
 def test_test_and_predict_from_checkpoint(trained_toy):
     cwd, ckpt = trained_toy
-    out = noisecls("test", "--config", TOY, "--ckpt_path", str(ckpt), *SMALL_TOY, cwd=cwd)
+    out = noisecls("test", "--config", TOY, "--ckpt_path", str(ckpt), *SMALL_TOY[:-2], cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/loss" in out.stdout
+    # what test is doing and where its results went
+    assert "test: computing FIDCallback, NLLCallback" in out.stdout
+    fid = re.search(r"^test/fid = ([0-9.e+-]+) \(2000 samples, ddim\(50\), NFE 50, ", out.stdout,
+                    re.M)  # fmt: skip
+    assert fid, out.stdout
+    (written,) = re.findall(r"^results: (\S+results.json) and (\S+results.md)$", out.stdout, re.M)
+    results = json.loads((cwd / written[0]).read_text())
+    record = next(r for r in results["records"] if r["metric"] == "test/fid")
+    assert float(fid[1]) == pytest.approx(record["value"], rel=1e-5)
+    # a sample plot of the test run beside results.md
+    assert list((cwd / written[1]).parent.glob("samples/test_epoch*_step00000040.png"))
+    # compare (dispatched by the noisecls entry point) reads it back into one row
+    compared = noisecls("compare", str(cwd / written[0]), "--out", "cmp", cwd=cwd)
+    assert compared.returncode == 0, compared.stderr
+    row = next(line for line in compared.stdout.splitlines() if line.startswith("| version_"))
+    assert f"| {float(fid[1]):.4g} |" in row and "| DDM | 40 | ddim(50) | 50 |" in row
     out = noisecls(
         "predict", "--config", TOY, "--ckpt_path", str(ckpt), *SMALL_TOY,
         "--model.init_args.predict.num_samples", "10", "--model.init_args.predict.batch_size", "4",
@@ -147,7 +184,44 @@ def test_checkpoint_of_another_method_is_refused(trained_toy, tmp_path):
     torch.save(state, foreign)
     out = noisecls("test", "--config", TOY, "--ckpt_path", str(foreign), *SMALL_TOY, cwd=tmp_path)
     assert out.returncode != 0
-    assert "CDM" in one_error_line(out.stderr)
+    line = one_error_line(out.stderr)
+    assert "is a checkpoint of another method: CDM" in line and "model is DDM" in line
+    assert f"--config {ROOT / 'experiments' / 'cdm_toy.yaml'}" in line
+
+
+def test_unreadable_checkpoints_are_one_line(trained_toy, tmp_path):
+    _, ckpt = trained_toy
+    data = ckpt.read_bytes()
+    cases = {"truncated.ckpt": data[: len(data) // 2], "garbage.ckpt": b"not a checkpoint\n",
+             "empty.ckpt": b""}  # fmt: skip
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(NoiseclsError, match="truncated or corrupt") as err:
+            read_checkpoint(tmp_path / name)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(NoiseclsError, match="not a Lightning checkpoint"):
+        read_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(NoiseclsError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_fid_and_compare_subcommands_dispatch(capsys):
+    for name, own_option in (("fid", "--kid-subset-size"), ("compare", "--labels")):
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0
+        assert f"noisecls {name}" in (text := capsys.readouterr().out) and own_option in text
+
+
+def test_state_dict_mismatch_is_one_line():
+    small, large = torch.nn.Linear(3, 4), torch.nn.Linear(5, 4)
+    with pytest.raises(RuntimeError) as err:
+        large.load_state_dict(small.state_dict())
+    message = _state_dict_mismatch(err.value, "a.ckpt")
+    assert "\n" not in message
+    assert "size mismatch for weight: checkpoint [4, 3] vs model [4, 5]" in message
+    assert message.startswith("checkpoint a.ckpt does not fit the configured network")
 
 
 def test_resume_reaches_the_same_weights(tmp_path):
@@ -203,18 +277,67 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     assert not list((tmp_path / "diverge").rglob("*.tmp*")), "no half-written files"
 
 
-def test_wandb_logger_from_yaml_runs_offline(tmp_path):
-    logger = tmp_path / "wandb_logger.yaml"
-    logger.write_text(
-        "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.WandbLogger\n"
-        "    init_args:\n      project: noisecls-test\n      save_dir: wandb_runs\n"
-    )
-    env_offline = {"WANDB_MODE": "offline"}
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B run file (``run-*.wandb``: wandb's LevelDB-style log of
+    32 KiB blocks, a 7-byte file header ``:W&B`` + magic 0xBEE1, records with 7-byte headers
+    (crc32, length, type 1 full / 2 first / 3 middle / 4 last))."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7])[:2] == (b":W&B", 0xBEE1)
+    pos, parts, records = 7, [], []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        parts.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(pb.Record.FromString(b"".join(parts)))
+            parts = []
+    return records
+
+
+def test_default_loggers_follow_the_config():
+    def loggers(*args: str) -> list:
+        cli = build_cli(["--config", TOY, *args], run=False)
+        return cli.trainer.loggers
+
+    csv, wandb = loggers()
+    assert isinstance(csv, CSVLogger) and isinstance(wandb, WandbLogger)
+    init = wandb._wandb_init
+    assert (init["project"], init["name"], init["group"], init["tags"]) == (
+        "noisecls", "ddm_toy", "toy-gmm", ["DDM"])  # fmt: skip
+    assert init["config"]["model"]["class_path"] == "noisecls.methods.DDM"
+    assert "anonymous" not in init
+    assert [type(lg) for lg in loggers("--wandb", "false")] == [CSVLogger]
+    assert loggers("--trainer.logger", "false") == []
+    (mine,) = loggers("--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "mine")
+    assert isinstance(mine, CSVLogger) and mine.save_dir == "mine"
+
+
+def test_default_wandb_run_is_offline_and_holds_the_metrics(tmp_path):
     out = noisecls(
-        "fit", "--config", TOY, "--config", str(logger), *SMALL_TOY,
-        "--trainer.max_steps", "5", cwd=tmp_path, env=env_offline,
+        "fit", "--config", TOY, *SMALL_TOY, "--trainer.max_steps", "6",
+        "--trainer.log_every_n_steps", "2", "--trainer.limit_val_batches", "0",
+        cwd=tmp_path, env={"WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_SILENT": "true"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = list((tmp_path / "wandb_runs" / "wandb").glob("offline-run-*/*.wandb"))
-    assert len(runs) == 1, list((tmp_path / "wandb_runs").rglob("*"))
-    assert runs[0].stat().st_size > 0
+    (run_file,) = (tmp_path / "runs" / "ddm_toy" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.display_name, run.run_group, run.job_type, list(run.tags)) == (
+        "ddm_toy", "toy-gmm", "fit", ["DDM"])  # fmt: skip
+    config = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in run.config.update}
+    assert config["trainer"]["max_steps"] == 6 and config["data"]["init_args"]["n_train"] == 1024
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]  # fmt: skip
+    losses = {h["trainer/global_step"]: h["train/loss"] for h in history if "train/loss" in h}
+    assert sorted(losses) == [1, 3, 5] and all(0 < v < 100 for v in losses.values())
+    # the CSV log of the same run holds the same losses
+    with open(tmp_path / "runs/ddm_toy/lightning_logs/version_0/metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train/loss")]
+    assert {int(r["step"]): float(r["train/loss"]) for r in rows} == pytest.approx(losses)
