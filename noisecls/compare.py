@@ -99,9 +99,9 @@ def read_run(path: Path, label: str) -> Run:
             f"{path} is not a results.json of `noisecls test` ({type(err).__name__}: {err}); "
             "remove it or run the test again"
         ) from err
-    steps = {int(r["step"]) for r in records.values() if r.get("step") is not None}
+    step = payload.get("checkpoint_step")
     return Run(label=label, path=path, model=str(payload.get("model", "")),
-               checkpoint=payload.get("checkpoint"), step=max(steps) if steps else None,
+               checkpoint=payload.get("checkpoint"), step=None if step is None else int(step),
                records=records)  # fmt: skip
 
 
@@ -150,8 +150,12 @@ def markdown_table(runs: Sequence[Run]) -> str:
                  _fmt(fid.get("nfe")), _fmt(run.value("test/fid")), kid_text]  # fmt: skip
         for metric in nlls:
             record = run.records.get(metric)
-            how = f" ({record['sampler']}, NFE {_fmt(record.get('nfe'))})" if record else ""
-            cells.append(_fmt(run.value(metric)) + how if record else "")
+            if record is None:
+                cells.append("")
+                continue
+            how = [_fmt(record.get("sampler")), f"NFE {record['nfe']}" if record.get("nfe") else ""]
+            how = [h for h in how if h]
+            cells.append(_fmt(run.value(metric)) + (f" ({', '.join(how)})" if how else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{KID_NOTE}\n"
 

@@ -119,7 +119,9 @@ def test_fit_then_test_writes_the_results_file(evaluated: dict[str, Path]) -> No
     assert list((evaluated["one"] / "denoising_mse").glob("test_*.png"))
     # the Markdown table: the same metrics, with samples / sampler / NFE / seconds
     assert table[0] == "| metric | value | samples | sampler | NFE | seconds |"
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table[2:]}
+    body = table[2 : table.index("")]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in body}
+    assert "KID" in table[-1] and "feature space" in table[-1]  # the note under the table
     assert set(rows) == set(records)
     assert rows["test/fid"][2:5] == [str(FID_SAMPLES), "ddim(10)", "10"]
     assert float(rows["test/fid"][1]) == pytest.approx(records["test/fid"]["value"], rel=1e-5)

@@ -384,8 +384,9 @@ class ResultsWriter(Callback):
     test run, adds any other logged ``test/...`` value (e.g. ``test/loss``) with the unknown
     columns empty, and writes (rank 0, atomically) into ``path_dir`` (default: the log dir):
 
-    * ``results.json``: ``{"checkpoint", "model", "world_size", "records": [{metric, value,
-      samples, sampler, nfe, seconds, per_rank_samples, stage, epoch, step}, ...]}``;
+    * ``results.json``: ``{"checkpoint", "checkpoint_step", "model", "world_size", "records":
+      [{metric, value, samples, sampler, nfe, seconds, per_rank_samples, stage, epoch, step},
+      ...]}`` (``checkpoint_step``: the step the tested checkpoint was written at);
     * ``results.md``: a Markdown table with columns metric | value | samples | sampler | NFE |
       seconds, and a note saying what the columns and KID's units mean.
 
@@ -420,6 +421,7 @@ class ResultsWriter(Callback):
             return
         payload = {
             "checkpoint": trainer.ckpt_path,
+            "checkpoint_step": checkpoint_step(trainer.ckpt_path),
             "model": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "world_size": trainer.world_size,
             "records": [_jsonable_record(r) for r in records],
@@ -438,6 +440,19 @@ class ResultsWriter(Callback):
         for logger in wandb_loggers(trainer):
             logger.log_table(key="test/results", columns=RESULT_COLUMNS, data=rows)
         log.info("results: %s and %s", *self.written)
+
+
+def checkpoint_step(path: str | None) -> int | None:
+    """The training step a checkpoint was written at (``test`` does not restore the trainer's
+    ``global_step``, so the records' ``step`` is 0 there); None without a readable checkpoint."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # the CLI has refused unreadable checkpoints; information only here
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    return int(step) if step is not None else None
 
 
 def _jsonable_record(r: MetricRecord) -> dict[str, Any]:
