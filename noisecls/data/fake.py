@@ -32,6 +32,7 @@ from noisecls.errors import NoiseclsError
 __all__ = [
     "RealFakeDataModule",
     "TargetDataset",
+    "fake_set_manifest",
     "load_fake_samples",
     "split_targets",
     "target_indices",
@@ -130,17 +131,23 @@ def _missing_message(path: Path) -> str:
     )
 
 
-def fake_set_sampler(directory: str) -> dict | None:
-    """The sampler (SamplerConfig fields) recorded in the ``manifest.json`` that ``noisecls
-    predict`` wrote into ``directory``; None for a folder without one (e.g. PNGs from another
-    tool)."""
+def fake_set_manifest(directory: str | Path) -> dict | None:
+    """The ``manifest.json`` that ``noisecls predict`` wrote into ``directory`` (model class,
+    sampler, weights hash, checkpoint path); None for a folder without one (e.g. PNGs from
+    another tool)."""
     path = Path(directory).expanduser() / "manifest.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text()).get("sampler")
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise NoiseclsError(f"{path} is not valid JSON ({err}); remove it") from err
+
+
+def fake_set_sampler(directory: str) -> dict | None:
+    """The sampler (SamplerConfig fields) recorded in ``directory``'s predict manifest."""
+    manifest = fake_set_manifest(directory)
+    return None if manifest is None else manifest.get("sampler")
 
 
 def load_fake_samples(directories: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -200,15 +207,16 @@ class RealFakeDataModule(NoiseclsDataModule):
 
     Splits: train = real train + fake train; val / test = the real DataModule's val / test splits
     + held-out fake samples (``fake_val_size`` / ``fake_test_size``: counts or fractions of the
-    fake set, drawn by a seeded permutation). The real and fake counts need not match: a class
-    prior only adds a constant to the optimal logit, which leaves the guidance gradient unchanged.
+    fake set, drawn by a seeded permutation). The real and fake counts need not match: DG's loss
+    weights each class 1/2 (``DG.classification``), so the optimal logit is the density ratio.
     ``data_shape``, ``num_classes``, ``num_bins`` and ``reference_dataset()`` (the FID reference)
     are the real DataModule's.
 
     Args:
         real: the real data's DataModule.
         fake_dirs: directories of SampleWriter ``.npz`` shards or of PNG images (one or several
-            runs; see :func:`load_fake_samples`).
+            runs; see :func:`load_fake_samples`). Default: the fake set of the model's score run
+            (DG's ``score_run``: ``<score_run>/samples``).
         batch_size, eval_batch_size: GLOBAL batch sizes of the mixed data.
         fake_val_size, fake_test_size: held-out fake samples per split.
         seed, num_workers, pin_memory: see :class:`NoiseclsDataModule`.
@@ -217,7 +225,7 @@ class RealFakeDataModule(NoiseclsDataModule):
     def __init__(
         self,
         real: NoiseclsDataModule,
-        fake_dirs: str | list[str],
+        fake_dirs: str | list[str] | None = None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         fake_val_size: int | float = 0.1,
@@ -228,13 +236,27 @@ class RealFakeDataModule(NoiseclsDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, seed, num_workers, pin_memory)
         self.real = real
-        self.fake_dirs = [fake_dirs] if isinstance(fake_dirs, str) else list(fake_dirs)
-        if not self.fake_dirs:
+        self.given_fake_dirs = [fake_dirs] if isinstance(fake_dirs, str) else fake_dirs
+        if self.given_fake_dirs is not None and not self.given_fake_dirs:
             raise ValueError("data.init_args.fake_dirs must name at least one directory")
         self.fake_val_size, self.fake_test_size = fake_val_size, fake_test_size
         self.data_shape = tuple(real.data_shape)
         self.num_bins = real.num_bins
         self._num_classes = real.num_classes
+
+    @property
+    def fake_dirs(self) -> list[str]:
+        """``fake_dirs`` as given, else the attached model's fake set (``fake_set_dirs()``)."""
+        if self.given_fake_dirs is not None:
+            return list(self.given_fake_dirs)
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        dirs = model.fake_set_dirs() if hasattr(model, "fake_set_dirs") else None
+        if not dirs:
+            raise NoiseclsError(
+                "no fake set: set data.init_args.fake_dirs (the `noisecls predict` output "
+                "directory) or the model's score run (DG: model.init_args.score_run)"
+            )
+        return dirs
 
     def fake_sampler(self) -> dict | None:
         """The sampler that wrote the fake set (from the predict manifests; None when no

@@ -6,6 +6,7 @@ the method-agnostic surface ``denoiser()``, ``sample()`` and ``log_likelihood()`
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import Tensor
 
@@ -158,6 +160,17 @@ class DiffusionModule(L.LightningModule):
         self.data_shape = tuple(data_shape) if data_shape is not None else None
         self.seed = seed
         self.predict_config = predict or PredictConfig()
+
+    def save_configuration(self, networks: Sequence[str]) -> None:
+        """Save the caller's ``__init__`` arguments as hyperparameters. Under ``noisecls``
+        (LightningCLI) they are the run's configuration, ``networks`` included as their
+        class_path / init_args, so a checkpoint alone rebuilds its model (``load_from_checkpoint``:
+        DG's score model, ``init_from``); built in Python, the ``networks`` arguments are module
+        instances and are left out (their weights are in the state dict)."""
+        # Lightning's CLI instantiator publishes the config through this context variable.
+        from_cli = _given_hyperparameters.get() is not None
+        frame = inspect.currentframe().f_back  # type: ignore[union-attr]
+        self.save_hyperparameters(ignore=[] if from_cli else list(networks), frame=frame)
 
     @property
     def hparams_initial(self) -> AttributeDict:

@@ -137,7 +137,7 @@ class CDL(DDM):
             net, schedule, prediction, class_conditional, sampler, optimizer, lr_scheduler,
             data_shape, seed, predict,
         )  # fmt: skip
-        self.save_hyperparameters(ignore=["net"])
+        self.save_configuration(["net"])
         weight_ok = cdl_weight == "official" or (
             isinstance(cdl_weight, int | float) and cdl_weight >= 0
         )

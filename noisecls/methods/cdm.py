@@ -91,7 +91,7 @@ class CDM(DiffusionModule):
         predict: PredictConfig | None = None,
     ) -> None:
         super().__init__(schedule, sampler, optimizer, lr_scheduler, data_shape, seed, predict)
-        self.save_hyperparameters(ignore=["net"])
+        self.save_configuration(["net"])
         if not isinstance(schedule, DiscreteSchedule):
             raise NoiseclsError(
                 "CDM classifies discrete noise levels: use noisecls.process.schedules."

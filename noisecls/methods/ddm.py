@@ -54,7 +54,7 @@ class DDM(DiffusionModule):
         predict: PredictConfig | None = None,
     ) -> None:
         super().__init__(schedule, sampler, optimizer, lr_scheduler, data_shape, seed, predict)
-        self.save_hyperparameters(ignore=["net"])
+        self.save_configuration(["net"])
         self.net = net
         self.class_conditional = class_conditional
         self.model = build_trainable_denoiser(net, schedule, prediction)

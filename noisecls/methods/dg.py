@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from noisecls.data.fake import RealFakeDataModule, split_targets, target_indices
+from noisecls.callbacks.features import state_dict_sha256
+from noisecls.data.fake import (
+    RealFakeDataModule,
+    fake_set_manifest,
+    split_targets,
+    target_indices,
+)
 from noisecls.denoisers import (
     CountingDenoiser,
     DiscriminatorGuidedDenoiser,
@@ -74,6 +80,32 @@ def load_weights(module: nn.Module, path: str) -> None:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise NoiseclsError(f"{file} does not fit the configured model: {first}") from err
+
+
+def score_run_checkpoint(run: str) -> tuple[str, str]:
+    """(checkpoint, manifest weights hash) of the model that wrote ``<run>/samples`` (the fake
+    set ``noisecls predict`` writes under the score model's ``default_root_dir``), from the
+    predict manifest. A checkpoint path recorded relative to another working directory is looked
+    up under ``run``."""
+    samples = Path(run).expanduser() / "samples"
+    manifest = fake_set_manifest(samples)
+    if manifest is None or not manifest.get("checkpoint"):
+        raise NoiseclsError(
+            f"{samples} holds no fake set written by `noisecls predict` from a checkpoint: run "
+            "`noisecls predict --config <score config> --ckpt_path <its checkpoint> "
+            "--model.init_args.predict.num_samples train` first"
+        )
+    recorded = Path(manifest["checkpoint"]).expanduser()
+    candidates = [recorded] + [
+        Path(run).expanduser().joinpath(*recorded.parts[i:]) for i in range(len(recorded.parts))
+    ]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise NoiseclsError(
+            f"the checkpoint that wrote {samples} ({recorded}) is gone; give "
+            "model.init_args.score_checkpoint"
+        )
+    return str(found), manifest.get("weights_sha256", "")
 
 
 def frozen_module(
@@ -226,6 +258,13 @@ def boosted_churn(
 
 
 # ------------------------------------------------------------------------------------ module
+def class_balanced_mean(values: Tensor, is_real: Tensor) -> Tensor:
+    """The mean of ``values`` [B] over the real examples (``is_real`` [B] = 1) and over the fake
+    ones, averaged over the classes present in the batch."""
+    means = [values[mask].mean() for mask in (is_real > 0.5, is_real <= 0.5) if mask.any()]
+    return torch.stack(means).mean()
+
+
 class DG(DiffusionModule):
     """Discriminator Guidance: trains the discriminator; samples the frozen score model with it.
 
@@ -233,14 +272,22 @@ class DG(DiffusionModule):
     y [B, 2] = (real 1 / fake 0, class label). Each step draws t by importance sampling on
     [t_min, 1], diffuses x with fresh noise, x_t = alpha(t)·x + sigma(t)·eps, and minimises the
     BCE of sigmoid(logit) clipped to [1e-5, 1 - 1e-5] (the paper's eq. 6 with the forward-marginal
-    design of its A.4). Validation / test log the BCE and accuracy overall and per diffusion-time
-    bin (``{stage}/acc_t0.00-0.20``, ...); near 0.5 at large t is expected.
+    design of its A.4), each class weighted 1/2 (see :meth:`classification`). Validation / test
+    log the BCE and accuracy overall and per diffusion-time bin (``{stage}/acc_t0.00-0.20``,
+    ...; near 0.5 at large t is expected) and return the probabilities that
+    :class:`~noisecls.callbacks.calibration.DiscriminatorCalibration` turns into a reliability
+    diagram.
 
     Args:
         discriminator_net: the discriminator backbone with a ScalarHead (a UNet encoder; its
             in_channels are the feature channels when ``feature_model`` is used).
-        score_model / score_checkpoint: the trained model to guide: its config (weights loaded
-            from the checkpoint when both are given) or only its ``noisecls fit`` checkpoint.
+        score_run: the score model's output directory (its ``trainer.default_root_dir``) after
+            ``noisecls fit`` and ``noisecls predict``: the fake set is ``<score_run>/samples``
+            (the data's default ``fake_dirs``) and the model is rebuilt from the checkpoint its
+            manifest names (checked against the manifest's weights hash).
+        score_model / score_checkpoint: instead of ``score_run``, the trained model to guide:
+            its config (weights loaded from the checkpoint when both are given) or only its
+            ``noisecls fit`` checkpoint (which holds its configuration).
         feature_model / feature_checkpoint: optional frozen pretrained noise-conditional
             feature extractor (any network-backed model of this framework; its encoder).
         feature_cache: precompute the extractor's features of the training split once (K noise
@@ -267,6 +314,7 @@ class DG(DiffusionModule):
     def __init__(
         self,
         discriminator_net: nn.Module,
+        score_run: str | None = None,
         score_model: DiffusionModule | None = None,
         score_checkpoint: str | None = None,
         feature_model: DiffusionModule | None = None,
@@ -285,7 +333,20 @@ class DG(DiffusionModule):
         seed: int = 0,
         predict: PredictConfig | None = None,
     ) -> None:
+        run_hash = None
+        if score_run is not None:
+            if score_model is not None or score_checkpoint is not None:
+                raise NoiseclsError(
+                    "give the score model once: model.init_args.score_run, or score_model / "
+                    "score_checkpoint"
+                )
+            score_checkpoint, run_hash = score_run_checkpoint(score_run)
         score = frozen_module(score_model, score_checkpoint, "score_model")
+        if run_hash and state_dict_sha256(score.state_dict()) != run_hash:
+            raise NoiseclsError(
+                f"{score_checkpoint} no longer holds the weights that wrote {score_run}/samples "
+                "(trained further?): rerun `noisecls predict` with it, or give score_checkpoint"
+            )
         super().__init__(
             score.schedule,
             sampler or score.sampler,
@@ -295,7 +356,7 @@ class DG(DiffusionModule):
             seed,
             predict,
         )
-        self.save_hyperparameters(ignore=["discriminator_net", "score_model", "feature_model"])
+        self.save_configuration(["discriminator_net", "score_model", "feature_model"])
         vp = vp_schedule or LogSNRSchedule(kind="linear", beta_min=0.1, beta_max=20.0)
         if not isinstance(vp, LogSNRSchedule) or vp.kind != "linear":
             raise NoiseclsError("vp_schedule must be LogSNRSchedule(kind='linear')")
@@ -319,8 +380,13 @@ class DG(DiffusionModule):
         self.t_min = t_min
         self.class_conditional = class_conditional
         self.val_bins = val_bins
+        self.score_run = score_run
         self.sampler_given = sampler is not None
         self.allow_sampler_mismatch = allow_sampler_mismatch
+
+    def fake_set_dirs(self) -> list[str] | None:
+        """The score run's fake set (RealFakeDataModule's default ``fake_dirs``)."""
+        return None if self.score_run is None else [str(Path(self.score_run) / "samples")]
 
     def train(self, mode: bool = True) -> DG:
         super().train(mode)
@@ -462,11 +528,18 @@ class DG(DiffusionModule):
         return self.discriminator(x_t, t, class_labels)
 
     def classification(self, logits: Tensor, is_real: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean BCE of sigmoid(logits [B]) clipped to [1e-5, 1 - 1e-5] against ``is_real`` [B],
-        and the accuracy of the decision logit > 0."""
+        """Class-balanced BCE of sigmoid(logits [B]) clipped to [1e-5, 1 - 1e-5] against
+        ``is_real`` [B], and the balanced accuracy of the decision logit > 0.
+
+        Each class's mean counts 1/2 (the mean of the present classes), so the optimal logit is
+        log p_t / q_t whatever the real / fake counts: with plain BCE it would carry the log prior
+        ratio log(N_real / N_fake) as an offset, leaving the guidance gradient unchanged but
+        shifting the boosting verdict (logit < 0) and the calibration."""
         d = torch.sigmoid(logits.float()).clamp(1e-5, 1 - 1e-5)
-        bce = F.binary_cross_entropy(d, is_real.to(d))
-        return bce, ((logits > 0).float() == is_real.float()).float().mean()
+        target = is_real.to(d)
+        bce = F.binary_cross_entropy(d, target, reduction="none")
+        correct = ((logits > 0).to(d) == target).to(d)
+        return class_balanced_mean(bce, target), class_balanced_mean(correct, target)
 
     def training_loss(
         self,
@@ -507,9 +580,14 @@ class DG(DiffusionModule):
     def discriminator_labels(self, labels: Tensor) -> Tensor | None:
         return labels if self.class_conditional else None
 
-    def evaluation_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
+    def evaluation_loss(
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str
+    ) -> dict[str, Tensor]:
         """BCE / accuracy at importance-sampled times and in ``val_bins`` equal time bins, with
-        noise fixed per batch."""
+        noise fixed per batch. Returns what calibration needs (see
+        :class:`~noisecls.callbacks.calibration.DiscriminatorCalibration`): ``prob`` [B·bins]
+        (the discriminator's d = sigmoid(logit) in the time bins), ``is_real`` [B·bins] and
+        ``time_bin`` [B·bins] (int64 index of the bin)."""
         x, y = batch
         is_real, labels = split_targets(y)
         labels = self.discriminator_labels(labels)
@@ -518,14 +596,29 @@ class DG(DiffusionModule):
         loss, extras = self.training_loss(x, labels, g, is_real)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=n)
         self.log(f"{stage}/acc", extras["acc"], sync_dist=True, batch_size=n)
-        edges = torch.linspace(self.t_min, 1.0, self.val_bins + 1, dtype=torch.float64)
-        for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        probs = []
+        for lo, hi in zip(*self.time_bin_edges(), strict=True):
             u = torch.rand(n, generator=g, device=self.device, dtype=torch.float64)
             logits = self.discriminator_logits(x, lo + (hi - lo) * u, labels, g)
             bce, accuracy = self.classification(logits, is_real)
             name = f"t{lo:.2f}-{hi:.2f}"
             self.log(f"{stage}/bce_{name}", bce, sync_dist=True, batch_size=n)
             self.log(f"{stage}/acc_{name}", accuracy, sync_dist=True, batch_size=n)
+            probs.append(torch.sigmoid(logits.detach().float()))
+        bins = torch.arange(self.val_bins, device=self.device).repeat_interleave(n)
+        return {"prob": torch.cat(probs), "is_real": is_real.repeat(self.val_bins),
+                "time_bin": bins}  # fmt: skip
+
+    def time_bin_edges(self) -> tuple[list[float], list[float]]:
+        """(lower, upper) edges of the ``val_bins`` equal diffusion-time bins on [t_min, 1]."""
+        edges = torch.linspace(self.t_min, 1.0, self.val_bins + 1, dtype=torch.float64).tolist()
+        return edges[:-1], edges[1:]
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self.evaluation_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self.evaluation_loss(batch, batch_idx, "test")
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

@@ -112,7 +112,7 @@ class SoftDiffusion(DiffusionModule):
             process, sampler or SoftSamplerConfig(), optimizer, lr_scheduler, data_shape, seed,
             predict,
         )  # fmt: skip
-        self.save_hyperparameters(ignore=["net", "process"])
+        self.save_configuration(["net", "process"])
         if not isinstance(process, BlurNoiseProcess):
             raise NoiseclsError("SoftDiffusion's process must be a BlurNoiseProcess")
         if self.data_shape is None:
