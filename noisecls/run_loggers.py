@@ -37,7 +37,8 @@ class OfflineWandbLogger(WandbLogger):
     warns that the setting has no effect)."""
 
     def __init__(self, save_dir: str | os.PathLike, **kwargs: Any) -> None:
-        os.environ.setdefault("WANDB_MODE", "offline")
+        if not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = "offline"
         directory = Path(save_dir).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(save_dir=str(directory), **kwargs)
