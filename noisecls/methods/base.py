@@ -207,6 +207,10 @@ class DiffusionModule(L.LightningModule):
         estimator: Literal["ode", "elbo"] = "ode",
         trace: Literal["exact", "hutchinson"] = "hutchinson",
         num_steps: int = 64,
+        solver: Literal["rk4", "dopri5"] = "rk4",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        num_probes: int = 1,
         num_levels: int | None = None,
         generator: torch.Generator | None = None,
         class_labels: Tensor | None = None,
@@ -214,7 +218,8 @@ class DiffusionModule(L.LightningModule):
         """log p(x) in nats per sample [B] for continuous x [B, ...] (data scale).
 
         "ode": the probability-flow ODE of ``denoiser()`` between the schedule's smallest and
-        largest sigma (trace exact or Hutchinson; ``num_steps`` RK4 steps). "elbo": the DDPM
+        largest sigma (trace exact or Hutchinson with ``num_probes`` probes; ``num_steps`` RK4
+        steps, or adaptive dopri5 with ``rtol`` / ``atol``). "elbo": the DDPM
         variational bound (a lower bound on log p; discrete schedules only; ``num_levels``
         levels drawn at random, or all). Methods with their own estimator override this.
         """
@@ -240,6 +245,10 @@ class DiffusionModule(L.LightningModule):
             prior_std=self.schedule.terminal_std(sigma_max),
             num_steps=num_steps,
             trace=trace,
+            solver=solver,
+            rtol=rtol,
+            atol=atol,
+            num_probes=num_probes,
             generator=generator,
             cond=cond,
         )

@@ -19,7 +19,7 @@ import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -382,21 +382,20 @@ class CDL(DDM):
         x: Tensor,
         *,
         estimator: Literal["itd", "ode", "elbo"] = "itd",
-        trace: Literal["exact", "hutchinson"] = "hutchinson",
-        num_steps: int = 64,
-        num_levels: int | None = None,
         num_points: int | None = None,
         generator: torch.Generator | None = None,
         class_labels: Tensor | None = None,
+        **options: Any,
     ) -> Tensor:
         """log p(x) in nats [B]; "itd" (default): the ITD estimate with ``num_points`` log-SNR
         points (default ``itd.num_points``) within the schedule's log-SNR range; "ode" / "elbo"
-        as in ``DiffusionModule``."""
+        with their ``options`` (trace, num_steps, solver, rtol, atol, num_probes, num_levels) as
+        in ``DiffusionModule``."""
         if estimator != "itd":
             with torch.enable_grad():
                 return super().log_likelihood(
-                    x, estimator=estimator, trace=trace, num_steps=num_steps,
-                    num_levels=num_levels, generator=generator, class_labels=class_labels,
+                    x, estimator=estimator, generator=generator, class_labels=class_labels,
+                    **options,
                 )  # fmt: skip
         config = self.itd
         if num_points is not None:

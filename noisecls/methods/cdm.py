@@ -9,7 +9,7 @@ sampler, and two of its logits give the exact log-likelihood in one forward pass
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -187,24 +187,17 @@ class CDM(DiffusionModule):
         *,
         estimator: Literal["cdm", "ode", "elbo"] = "cdm",
         level: int = 0,
-        trace: Literal["exact", "hutchinson"] = "hutchinson",
-        num_steps: int = 64,
-        num_levels: int | None = None,
         generator: torch.Generator | None = None,
         class_labels: Tensor | None = None,
+        **options: Any,
     ) -> Tensor:
         """log p(x) in nats [B] of x [B, ...]; "cdm" (default): exact, one forward pass
-        (Theorem 3.2), of the level-``level`` density (0: data); "ode" / "elbo": see
+        (Theorem 3.2), of the level-``level`` density (0: data); "ode" / "elbo" with their
+        ``options`` (trace, num_steps, solver, rtol, atol, num_probes, num_levels): see
         ``DiffusionModule.log_likelihood``. Class labels give log p(x | y) (default: p(x))."""
         if estimator != "cdm":
             return super().log_likelihood(
-                x,
-                estimator=estimator,
-                trace=trace,
-                num_steps=num_steps,
-                num_levels=num_levels,
-                generator=generator,
-                class_labels=class_labels,
+                x, estimator=estimator, generator=generator, class_labels=class_labels, **options
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             return cdm_log_likelihood(self.model, x, level=level, class_labels=class_labels)

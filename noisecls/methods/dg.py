@@ -29,6 +29,7 @@ from noisecls.data.fake import (
     target_indices,
 )
 from noisecls.denoisers import (
+    ClampedDenoiser,
     CountingDenoiser,
     DiscriminatorGuidedDenoiser,
     TrainableDenoiser,
@@ -441,16 +442,19 @@ class DG(DiffusionModule):
                 "next, which the parallel (Picard) sampler's sweeps cannot follow; set "
                 "sampler.parallel: false or guidance.boost_factor: 1"
             )
-        if g.boosts_weight() and config.name == "dpm_solver_2":
+        if g.boosts_weight() and config.name in ("dpm_solver_2", "dpm_2_ancestral"):
             raise NoiseclsError(
-                "guidance.boost_factor counts one evaluation per step, dpm_solver_2 makes two; "
-                "use heun / euler / ddim / ddpm or guidance.boost_factor: 1"
+                f"guidance.boost_factor counts one evaluation per step, {config.name} makes two; "
+                "use heun or a one-evaluation sampler (euler, ddim, ddpm, dpmpp_2m, ...) or "
+                "guidance.boost_factor: 1"
             )
         first = self.denoiser()
         if not heun:
             return run_sampler(config, first, x, sigmas, generator=generator, cond=cond)
-        predictor = CountingDenoiser(first)
-        corrector = CountingDenoiser(self.guided_denoiser(g.second_order_weight, boost=False))
+        second = self.guided_denoiser(g.second_order_weight, boost=False)
+        clip = config.clip_x0
+        predictor = CountingDenoiser(first if clip is None else ClampedDenoiser(first, clip))
+        corrector = CountingDenoiser(second if clip is None else ClampedDenoiser(second, clip))
         churn = (
             boosted_churn(first, g.boost_churn, g.boost_churn_period) if g.boosts_churn() else None
         )
