@@ -215,15 +215,20 @@ class GuidedDenoiser(nn.Module):
 
 
 class CountingDenoiser(nn.Module):
-    """Wraps a Denoiser and counts its calls (network function evaluations, NFE)."""
+    """Wraps a Denoiser and counts its calls (``nfe``) and the rows it evaluated (``rows``:
+    a call on x [B, ...] adds B). For a batch of n samples, ``rows / n`` is the number of
+    denoiser evaluations per sample, also when an estimator evaluates several noise levels of
+    each sample in one chunked call (ITD: 256 points in 8 calls of 32 points -> 256)."""
 
     def __init__(self, denoiser: Denoiser) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.nfe = 0
+        self.rows = 0
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor | None) -> Tensor:
         self.nfe += 1
+        self.rows += x.shape[0]
         return self.denoiser(x, sigma, **cond)
 
     @property

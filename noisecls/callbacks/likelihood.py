@@ -203,10 +203,11 @@ class NLLCallback(EvaluationCallback):
                         labels = pl_module.class_labels(y.to(device))
                         if labels is not None:
                             kwargs["class_labels"] = labels
-                    calls_before = counter.nfe if counter is not None else 0
+                    rows_before = counter.rows if counter is not None else 0
                     nll = -pl_module.log_likelihood(x, **kwargs).detach().to(torch.float64)
                     if counter is not None:
-                        nfe = max(nfe or 0, counter.nfe - calls_before) or None
+                        per_example = (counter.rows - rows_before) // x.shape[0]
+                        nfe = max(nfe or 0, per_example) or None
                     local_count += x.shape[0]
                 for rows in gather_round(trainer, nll, self.batch_size, (), torch.float64, device):
                     total += rows.sum()

@@ -38,6 +38,7 @@ from noisecls.likelihood.itd import (
 )
 from noisecls.methods.base import PredictConfig
 from noisecls.methods.ddm import DDM
+from noisecls.pretrained import is_diffusers_source, load_pretrained
 from noisecls.process.schedules import NoiseSchedule, broadcast_like
 from noisecls.randomness import StepGenerator, derive_seed
 from noisecls.samplers import SamplerConfig
@@ -104,7 +105,9 @@ class CDL(DDM):
         itd: ITD estimator options (importance distribution, reference) for the loss and for
             ``log_likelihood``; ``itd.num_points`` is the evaluation default.
         init_from: a DDM or CDL checkpoint whose weights initialise the network when fitting
-            starts (fine-tuning; a run resumed with ``--ckpt_path`` then restores its own).
+            starts (fine-tuning; a run resumed with ``--ckpt_path`` then restores its own), or a
+            diffusers model directory / cached hub id (then ``net`` is a
+            ``noisecls.pretrained.DiffusersModel`` of the same architecture).
         Others: see ``DiffusionModule``.
 
     The Gaussian reference (data mean and covariance) comes from the DataModule's
@@ -157,7 +160,11 @@ class CDL(DDM):
 
     # ---- fine-tuning ----------------------------------------------------------------------
     def load_denoiser_weights(self, path: str) -> None:
-        """Initialise from a DDM / CDL checkpoint of the same network and prediction."""
+        """Initialise from a DDM / CDL checkpoint, or a diffusers model, of the same network and
+        prediction."""
+        if is_diffusers_source(path):
+            self.load_diffusers_weights(path)
+            return
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
@@ -183,6 +190,23 @@ class CDL(DDM):
             raise NoiseclsError(
                 f"init_from {path!r} does not fit this network ({first}); use the net "
                 "init_args of the run that wrote it"
+            ) from err
+
+    def load_diffusers_weights(self, path: str) -> None:
+        """Initialise ``net`` (a DiffusersModel) from a diffusers model directory / hub id."""
+        pretrained = load_pretrained(path)
+        if pretrained.prediction != self.hparams.prediction:
+            raise NoiseclsError(
+                f"init_from {path!r} predicts {pretrained.prediction!r} but this CDL predicts "
+                f"{self.hparams.prediction!r}; set model.init_args.prediction to match"
+            )
+        try:
+            self.net.load_state_dict(pretrained.net.state_dict(), strict=True)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise NoiseclsError(
+                f"init_from {path!r} does not fit this network ({first}); use net: "
+                "noisecls.pretrained.DiffusersModel with the same path"
             ) from err
 
     # ---- the Gaussian reference -----------------------------------------------------------

@@ -36,7 +36,9 @@ from noisecls.denoisers import (
 )
 from noisecls.errors import NoiseclsError
 from noisecls.methods.base import DiffusionModule, PredictConfig
+from noisecls.methods.ddm import DDM
 from noisecls.methods.dg_features import FeatureCache, FeatureCacheBuilder, FeatureCacheConfig
+from noisecls.pretrained import is_diffusers_source, load_pretrained
 from noisecls.process.schedules import LogSNRSchedule, broadcast_like
 from noisecls.randomness import derive_seed, per_example, randn_per_example
 from noisecls.samplers import SamplerConfig, run_sampler, sample_heun
@@ -45,7 +47,14 @@ from noisecls.samplers import SamplerConfig, run_sampler, sample_heun
 # ------------------------------------------------------------------------------------ checkpoints
 def load_module_checkpoint(path: str) -> DiffusionModule:
     """A trained module of this framework from its Lightning checkpoint (the class and init
-    arguments that ``noisecls fit`` saved; EMA weights where EMAWeightAveraging wrote them)."""
+    arguments that ``noisecls fit`` saved; EMA weights where EMAWeightAveraging wrote them), or
+    a DDM over a diffusers model directory / cached hub id (``noisecls.pretrained``)."""
+    if is_diffusers_source(path):
+        pretrained = load_pretrained(path)
+        net = pretrained.net
+        return DDM(net, pretrained.schedule, pretrained.prediction,
+                   class_conditional=net.num_classes is not None,
+                   data_shape=pretrained.data_shape)  # fmt: skip
     file = Path(path).expanduser()
     if not file.is_file():
         raise NoiseclsError(f"checkpoint {file} does not exist; train the model first")
@@ -288,7 +297,8 @@ class DG(DiffusionModule):
             manifest names (checked against the manifest's weights hash).
         score_model / score_checkpoint: instead of ``score_run``, the trained model to guide:
             its config (weights loaded from the checkpoint when both are given) or only its
-            ``noisecls fit`` checkpoint (which holds its configuration).
+            ``noisecls fit`` checkpoint (which holds its configuration), or a diffusers model
+            directory (or hub id in the local cache) as ``score_checkpoint`` alone.
         feature_model / feature_checkpoint: optional frozen pretrained noise-conditional
             feature extractor (any network-backed model of this framework; its encoder).
         feature_cache: precompute the extractor's features of the training split once (K noise
