@@ -26,34 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from cli_runs import EXPERIMENTS, has_checkpoint, newest_checkpoint, noisecls, read_results
 
-ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ROOT / "experiments"
 OOD_SCALE = 1.5
-
-
-def noisecls(*args: str, cwd: Path) -> None:
-    """Run the CLI; a failure stops the study with the command's last output."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "noisecls.cli", *args]
-    print("$ noisecls " + " ".join(args), flush=True)
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"command failed:\n{out.stderr[-3000:]}")
-
-
-def last_checkpoint(run: Path) -> Path:
-    found = sorted(run.rglob("last.ckpt"))
-    if not found:
-        sys.exit(f"no last.ckpt under {run}")
-    return found[-1]
 
 
 def test_config(data: str, out: Path, parallel: bool) -> Path:
@@ -79,15 +58,6 @@ def test_config(data: str, out: Path, parallel: bool) -> Path:
     return path
 
 
-def read_results(run: Path) -> dict[str, float]:
-    """Every metric of the newest results.json under run (value; NFE as '<metric>/nfe')."""
-    found = sorted(run.rglob("results.json"), key=lambda p: p.stat().st_mtime)
-    records = json.loads(found[-1].read_text())["records"]
-    values = {r["metric"]: r["value"] for r in records}
-    values |= {f"{r['metric']}/nfe": r["nfe"] for r in records if r.get("nfe")}
-    return values
-
-
 def run_seed(
     data: str, base: Path, steps: int, seed: int, out: Path, cdl_weight: str
 ) -> dict[str, dict]:
@@ -95,22 +65,22 @@ def run_seed(
     results = {}
     for label, weight in (("CDL", cdl_weight), ("DDM", "0.0")):
         run = out / f"{label.lower()}_seed{seed}"
-        if not sorted(run.rglob("last.ckpt")):
+        if not has_checkpoint(run):
             noisecls("fit", "--config", str(EXPERIMENTS / f"cdl_{data}.yaml"),
                      "--model.init_args.init_from", str(base),
                      "--model.init_args.cdl_weight", weight, "--model.init_args.seed", str(seed),
                      "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
                      "--trainer.default_root_dir", str(run), "--trainer.logger", "CSVLogger",
                      "--trainer.logger.save_dir", str(run / "logs"),
-                     "--trainer.enable_progress_bar", "false", cwd=out)  # fmt: skip
-        ckpt = str(last_checkpoint(run))
+                     cwd=out)  # fmt: skip
+        ckpt = str(newest_checkpoint(run))
         metrics: dict[str, float] = {}
         for parallel in (False, True):
             test_dir = run / ("test_parallel" if parallel else "test")
             if not sorted(test_dir.rglob("results.json")):
                 noisecls("test", "--config", str(test_config(data, out, parallel)), "--ckpt_path",
                          ckpt, "--trainer.default_root_dir", str(test_dir),
-                         "--trainer.enable_progress_bar", "false", cwd=out)  # fmt: skip
+                         cwd=out)  # fmt: skip
             found = read_results(test_dir)
             if parallel:
                 found = {
@@ -169,12 +139,12 @@ def main() -> None:
     base = args.base
     if base is None:
         base_run = out / "base"
-        if not sorted(base_run.rglob("last.ckpt")):
+        if not has_checkpoint(base_run):
             noisecls("fit", "--config", str(EXPERIMENTS / f"ddm_{args.data}.yaml"),
                      "--trainer.max_steps", str(args.base_steps),
                      "--trainer.default_root_dir", str(base_run),
-                     "--trainer.enable_progress_bar", "false", cwd=out)  # fmt: skip
-        base = last_checkpoint(base_run)
+                     cwd=out)  # fmt: skip
+        base = newest_checkpoint(base_run)
     per_seed = [
         run_seed(args.data, base.resolve(), args.steps, s, out, args.cdl_weight) for s in args.seeds
     ]

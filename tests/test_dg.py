@@ -476,11 +476,20 @@ def test_dg_configs_parse_with_the_paper_guidance(name: str, capsys) -> None:
     guidance = model["init_args"]["guidance"]
     assert (guidance["time_min"], guidance["time_max"]) == (0.01, 1.0)
     assert model["init_args"]["feature_cache"]["draws"] == 8
-    edm_heun_steps = {"dg_cifar10": 18, "dg_cifar10_cond": 18, "dg_ffhq64": 40}  # EDM's
-    if name in edm_heun_steps:  # EDM-G++ defaults on EDM's Heun grid
-        assert (guidance["weight"], guidance["second_order_weight"]) == (2.0, 0.0)
+    # the official code's settings: EDM Heun on the rho = 7 ladder (35 NFE on CIFAR-10, the
+    # paper's 71 on FFHQ); w 2 / 0 unconditional, w 1 / 0 with boosting (churn 4 every 5th step,
+    # weight x2 every 2nd) conditional; discriminator epochs 60 / 250
+    paper = {"dg_cifar10": (18, 2.0, 1.0, 0.0, 60), "dg_cifar10_cond": (18, 1.0, 2.0, 4.0, 250),
+             "dg_ffhq64": (36, 2.0, 1.0, 0.0, 60)}  # fmt: skip
+    if name in paper:
+        steps, weight, boost, churn, epochs = paper[name]
+        assert (guidance["weight"], guidance["second_order_weight"]) == (weight, 0.0)
+        assert (guidance["boost_factor"], guidance["boost_churn"]) == (boost, churn)
         sampler = model["init_args"]["sampler"]
-        assert (sampler["name"], sampler["num_steps"]) == ("heun", edm_heun_steps[name])
+        assert (sampler["name"], sampler["num_steps"]) == ("heun", steps)
+        assert (sampler["ladder"], sampler["rho"]) == ("karras", 7.0)
+        assert model["init_args"]["features_from_score"]
+        assert yaml.safe_load(Path(path).read_text())["trainer"]["max_epochs"] == epochs
 
 
 def test_predict_writes_as_many_samples_as_the_training_split(tmp_path: Path) -> None:

@@ -45,11 +45,10 @@ def test_dg_improves_digits_fid(tmp_path: Path) -> None:
     noisecls("predict", "--config", ddm, "--ckpt_path", str(score_ckpt),
              "--trainer.default_root_dir", "ddm", "--model.init_args.predict.num_samples",
              "1437", "--model.init_args.predict.batch_size", "479", cwd=tmp_path)  # fmt: skip
-    common = ["--config", dg, "--model.init_args.score_checkpoint", str(score_ckpt),
-              "--data.init_args.fake_dirs", "ddm/samples"]  # fmt: skip
+    common = ["--config", dg, "--model.init_args.score_run", "ddm"]
     noisecls("fit", *common, "--trainer.max_steps", "1500", "--trainer.default_root_dir", "dg",
              cwd=tmp_path)  # fmt: skip
-    (dg_ckpt,) = (tmp_path / "dg").rglob("last.ckpt")
+    (dg_ckpt,) = (tmp_path / "dg").rglob("best.ckpt")  # lowest held-out BCE
     for name, weight in (("guided", "2.0"), ("plain", "0.0")):
         noisecls("test", *common, "--ckpt_path", str(dg_ckpt), "--trainer.default_root_dir",
                  name, "--model.init_args.guidance.weight", weight, cwd=tmp_path)  # fmt: skip

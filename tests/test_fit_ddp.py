@@ -237,8 +237,7 @@ def test_dg_pipeline_under_ddp(data: str, matrix_dir: Path) -> None:
              "--ckpt_path", str(checkpoint), "--model.init_args.predict.num_samples", "train",
              "--trainer.default_root_dir", f"runs/ddm_{data}", cwd=matrix_dir)  # fmt: skip
     config = yaml.safe_load((EXPERIMENTS / f"dg_{data}.yaml").read_text())
-    config["model"]["init_args"]["score_checkpoint"] = str(checkpoint)
-    config["data"]["init_args"]["fake_dirs"] = str(score_run / "samples")
+    config["model"]["init_args"]["score_run"] = str(score_run)
     path = matrix_dir / f"dg_{data}.yaml"
     path.write_text(yaml.safe_dump(config))
     ddp_fit_as_shipped(path, matrix_dir)
@@ -251,16 +250,13 @@ def test_dg_feature_cache_is_built_once_and_shared_under_ddp(matrix_dir: Path) -
     score_run = matrix_dir / "runs" / "ddm_digits"
     if not (score_run / "samples").is_dir():
         test_dg_pipeline_under_ddp("digits", matrix_dir)
-    (checkpoint,) = score_run.rglob("last.ckpt")
     config = yaml.safe_load((EXPERIMENTS / "dg_digits.yaml").read_text())
     model = config["model"]["init_args"]
-    model.update(score_checkpoint=str(checkpoint), feature_checkpoint=str(checkpoint),
-                 feature_model=model["score_model"],
+    model.update(score_run=str(score_run), features_from_score=True,
                  feature_cache={"draws": 2, "directory": str(matrix_dir / "cache")})  # fmt: skip
     bottleneck = {"image_size": 4, "in_channels": 64, "channel_mult": [1],
                   "attention_resolutions": []}  # fmt: skip
     model["discriminator_net"]["init_args"].update(bottleneck)
-    config["data"]["init_args"]["fake_dirs"] = str(score_run / "samples")
     path = matrix_dir / "dg_digits_features.yaml"
     path.write_text(yaml.safe_dump(config))
     ddp_fit_as_shipped(path, matrix_dir)

@@ -376,7 +376,7 @@ def test_dg_guided_predict_on_two_processes_equals_one(tmp_path: Path) -> None:
     run("predict", "--config", ddm, "--ckpt_path", str(score),
         "--model.init_args.predict.num_samples", "train",
         "--model.init_args.predict.batch_size", "2000")  # fmt: skip
-    common = ["--config", dg, "--model.init_args.score_checkpoint", str(score)]
+    common = ["--config", dg, "--model.init_args.score_run", "runs/ddm_toy"]
     run("fit", *common, "--trainer.max_steps", "300")
     (disc,) = (tmp_path / "runs" / "dg_toy").rglob("last.ckpt")
     guided = [*common, "--ckpt_path", str(disc), "--model.init_args.predict.num_samples", "600",

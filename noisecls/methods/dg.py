@@ -301,6 +301,8 @@ class DG(DiffusionModule):
             directory (or hub id in the local cache) as ``score_checkpoint`` alone.
         feature_model / feature_checkpoint: optional frozen pretrained noise-conditional
             feature extractor (any network-backed model of this framework; its encoder).
+        features_from_score: use the frozen score model's own encoder as the feature
+            extractor (instead of feature_model / feature_checkpoint).
         feature_cache: precompute the extractor's features of the training split once (K noise
             draws per example, on disk) and train on them (see
             :mod:`noisecls.methods.dg_features`); validation still runs the extractor live. The
@@ -330,6 +332,7 @@ class DG(DiffusionModule):
         score_checkpoint: str | None = None,
         feature_model: DiffusionModule | None = None,
         feature_checkpoint: str | None = None,
+        features_from_score: bool = False,
         feature_cache: FeatureCacheConfig | None = None,
         guidance: GuidanceConfig | None = None,
         vp_schedule: LogSNRSchedule | None = None,
@@ -374,13 +377,21 @@ class DG(DiffusionModule):
         if not 0 < t_min < 1 or val_bins < 1:
             raise NoiseclsError("DG needs 0 < t_min < 1 and val_bins >= 1")
         features = None
-        if feature_model is not None or feature_checkpoint is not None:
-            extractor = frozen_module(feature_model, feature_checkpoint, "feature_model")
+        extractor_given = feature_model is not None or feature_checkpoint is not None
+        if features_from_score and extractor_given:
+            raise NoiseclsError(
+                "give the feature extractor once: features_from_score: true, or feature_model / "
+                "feature_checkpoint"
+            )
+        if features_from_score or extractor_given:
+            extractor = score if features_from_score else frozen_module(
+                feature_model, feature_checkpoint, "feature_model"
+            )  # fmt: skip
             features = NoisyFeatures(extractor.denoiser(), vp)  # type: ignore[arg-type]
         if feature_cache is not None and features is None:
             raise NoiseclsError(
-                "feature_cache caches the features of a frozen extractor: set feature_model / "
-                "feature_checkpoint too, or remove feature_cache"
+                "feature_cache caches the features of a frozen extractor: set features_from_score "
+                "or feature_model / feature_checkpoint too, or remove feature_cache"
             )
         self.feature_cache = feature_cache
         self.cached_features: FeatureCache | None = None
