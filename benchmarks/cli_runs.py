@@ -15,9 +15,14 @@ EXPERIMENTS = ROOT / "experiments"
 
 
 def noisecls(*args: str, cwd: Path) -> None:
-    """Run one CLI command (W&B off, no progress bar); a failure stops the study with the
-    command's last output."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    """Run one CLI command (W&B off, no progress bar, one torch thread unless OMP_NUM_THREADS
+    is set); a failure stops the study with the command's last output."""
+    env = {
+        "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONWARNINGS": "ignore",
+    }  # fmt: skip  (one thread: oversubscribed cores slow down)
     cmd = [sys.executable, "-m", "noisecls.cli", *args, "--trainer.enable_progress_bar", "false"]
     print("$ noisecls " + " ".join(args), flush=True)
     start = time.perf_counter()
