@@ -139,6 +139,9 @@ class DiffusionModule(L.LightningModule):
     """
 
     evaluation_hparams: tuple[str, ...] = ("sampler", "predict")
+    #: why this method's training loss must not run under mixed-precision autocast (None: it
+    #: may); :mod:`noisecls.speed` refuses ``trainer.precision: bf16-mixed`` / ``16-mixed`` with it
+    mixed_precision_refusal: str | None = None
 
     def __init__(
         self,

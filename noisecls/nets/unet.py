@@ -268,5 +268,8 @@ class UNet(nn.Module):
         noise_level: Tensor | None = None,
         class_labels: Tensor | None = None,
     ) -> Tensor:
-        """Run trunk and head; see the class docstring for shapes."""
-        return self.head(self.features(x, noise_level, class_labels))
+        """Run trunk and head; see the class docstring for shapes. The output has x's dtype
+        (under autocast the trunk runs in bf16 and the output returns to x's float32, so losses
+        and preconditioning outside the network stay float32, as in EDM)."""
+        out = self.head(self.features(x, noise_level, class_labels))
+        return out.to(x.dtype) if out.is_floating_point() else out
