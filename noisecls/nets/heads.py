@@ -160,6 +160,8 @@ class LogitsHead(Head):
         hidden_channels: width of the conv before the spatial mean.
         cumsum: apply the cumulative-sum layer.
         encoder: apply the head to the U-Net bottleneck instead of the decoder output.
+        zero_init: start the final Linear at zero, so every logit starts at 0 (CDM: a uniform
+            noise-level posterior, the gradient denoiser starting at eps_hat = sigma_t·x_t).
         in_channels: build now for features with this many channels.
         spatial: feature layout when ``in_channels`` is given.
     """
@@ -170,6 +172,7 @@ class LogitsHead(Head):
         hidden_channels: int = 512,
         cumsum: bool = False,
         encoder: bool = False,
+        zero_init: bool = False,
         *,
         in_channels: int | None = None,
         spatial: bool = True,
@@ -184,12 +187,14 @@ class LogitsHead(Head):
         self.hidden_channels = hidden_channels
         self.cumsum = cumsum
         self.encoder = encoder
+        self.zero_init = zero_init
         self._maybe_build(in_channels, spatial)
 
     def _build(self, in_channels: int, spatial: bool, data_channels: int | None) -> None:
         self.norm = norm_layer(in_channels, spatial)
         self.conv = projection(in_channels, self.hidden_channels, spatial)
-        self.linear = nn.Linear(self.hidden_channels, self.num_logits)
+        linear = nn.Linear(self.hidden_channels, self.num_logits)
+        self.linear = zero_init(linear) if self.zero_init else linear
 
     def increments(self, features: Tensor) -> Tensor:
         """The linear outputs before the cumulative sum: [B, num_logits]."""
