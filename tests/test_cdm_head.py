@@ -43,3 +43,23 @@ def test_default_init_logit_gaps_grow_over_the_levels():
     gap = (f[:, -1:] - f).std(dim=0)  # spread over x of f_{T+1} - f_t, per level t
     # a random walk of T + 1 - t increments: the spread at t = 0 is several times that at T - 9
     assert gap[0] > 3 * gap[T - 9] > 0
+
+
+def test_ce_only_cdm_reports_its_gradient_denoiser_mse_in_evaluation():
+    """Table 1's CE-only row needs the MSE of a model not trained on it. At zero init
+    eps_hat = sqrt(1 - abar_t)·x_t, so for N(0, I) data E(eps_hat - eps)² = abar_t per element,
+    and the batch MSE (levels 0 and T + 1 counted as 0) averages sum_{t=1..T} abar_t / (T + 2)
+    (~0.28; Monte Carlo sd over 4000 samples ~0.005)."""
+    from noisecls.methods import CDM
+
+    schedule = DiscreteSchedule(num_levels=T)
+    model = CDM(classifier(True).net, schedule, ce_weight=1.0, mse_weight=0.0, data_shape=(2,))
+    x0 = torch.randn(4000, 2, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.enable_grad():
+        _, extras = model.training_loss(x0, None, torch.Generator().manual_seed(4))
+    expected = schedule.alpha_bar[1:].sum().item() / (T + 2)
+    assert abs(extras["mse"].item() - expected) < 0.02, (extras["mse"].item(), expected)
+    model.train()
+    _, extras = model.training_loss(x0[:8], None, torch.Generator().manual_seed(4))
+    assert "mse" not in extras  # CE-only training builds no input gradient

@@ -161,11 +161,11 @@ class CDM(DiffusionModule):
         x_t = self.model.add_noise(x0, level, eps)
         labels = self.drop_labels(labels, generator)
         extras: dict[str, Tensor] = {}
-        if self.mse_weight > 0:
-            # The graph through the input gradient is only needed to train (not to evaluate).
-            eps_hat, logits = self.model.predict_eps(
-                x_t, level, labels, create_graph=self.training and torch.is_grad_enabled()
-            )
+        train_mse = self.mse_weight > 0 and self.training and torch.is_grad_enabled()
+        if self.mse_weight > 0 or not self.training:
+            # Evaluation reports the MSE of every model (Table 1's CE-only row too); the graph
+            # through the input gradient is built only to train on it.
+            eps_hat, logits = self.model.predict_eps(x_t, level, labels, create_graph=train_mse)
             per_sample = (eps_hat - eps).pow(2).reshape(n, -1).mean(dim=1)
             noisy = (level >= 1) & (level <= num_levels)
             extras["mse"] = torch.where(noisy, per_sample, 0.0).sum() / n
@@ -176,7 +176,7 @@ class CDM(DiffusionModule):
         # A zero-weighted term stays in the graph, so every parameter (e.g. the last bias, which
         # the input gradient never sees) reaches the loss and DDP's all-reduce.
         loss = self.ce_weight * extras["ce"]
-        if "mse" in extras:
+        if self.mse_weight > 0:
             loss = loss + self.mse_weight * extras["mse"]
         return loss, {name: value.detach() for name, value in extras.items()}
 
