@@ -89,7 +89,7 @@ def check_cdm_records(records: dict[str, dict], fid_samples: int, examples: int)
     for name in ("test/fid", "test/kid"):
         assert records[name]["samples"] == fid_samples and math.isfinite(records[name]["value"])
     nll = records["test/nll_bpd"]  # NLLCallback: CDM's one-pass estimate, dequantized
-    assert nll["samples"] == examples and nll["sampler"] == "cdm"
+    assert nll["samples"] == examples and nll["sampler"] == "cdm(level=0)" and nll["nfe"] == 1
     assert 0 < nll["value"] < 50
     # the module's own per-batch logs: standard and paper convention (density at the pixel
     # values + log2(17 / 2) bits for the 17-level digits)

@@ -57,7 +57,8 @@ def describe_estimator(name: str, options: dict[str, Any]) -> str:
     """A likelihood estimator as a short string for results tables. The ODE names its solver,
     its steps (rk4) or tolerances (dopri5), the trace and the Hutchinson probes, e.g.
     ``ode(rk4,64,hutchinson,K=1)`` or ``ode(dopri5,rtol=1e-05,atol=1e-05,exact)``; missing
-    options take ``ode_likelihood``'s defaults. The ELBO names its levels (``elbo(100)``)."""
+    options take ``ode_likelihood``'s defaults. The ELBO names its levels (``elbo(100)``), CDM's
+    one-pass estimate the level whose density it is (``cdm(level=0)``)."""
     if name == "ode":
         options = method_defaults(ode_likelihood) | options
         parts = [str(options["solver"])]
@@ -69,6 +70,8 @@ def describe_estimator(name: str, options: dict[str, Any]) -> str:
         if options["trace"] == "hutchinson":
             parts.append(f"K={options['num_probes']}")
         return f"ode({','.join(parts)})"
+    if name == "cdm":  # Theorem 3.2's one pass; level 0 is the data density, the ODE's is 1
+        return f"cdm(level={options.get('level', 0)})"
     if name == "elbo" and options.get("num_levels") is not None:
         return f"elbo({options['num_levels']})"
     return name
@@ -212,6 +215,8 @@ class NLLCallback(EvaluationCallback):
                 for rows in gather_round(trainer, nll, self.batch_size, (), torch.float64, device):
                     total += rows.sum()
                     count += rows.shape[0]
+        if nfe is None and self.describe(pl_module).startswith("cdm("):
+            nfe = 1  # CDM's one-pass estimate: one classifier call, no denoiser() call
         if num_dims is None:  # a rank without examples: the data shape says it
             num_dims = math.prod(getattr(dm, "data_shape", None) or pl_module.data_shape)
         mean_nll = total / count
