@@ -12,12 +12,13 @@ held-out BCE / accuracy / ECE::
     python benchmarks/study_dg.py study --data toy --seeds 0 1 2
     python benchmarks/study_dg.py study --data digits --score-steps 1000 --seeds 0 1 2
 
-``sweep`` — pick the guidance weight of one trained DG on validation samples, as the paper
-does: ``noisecls validate`` at each weight with the FID callback's sample seed set to 1 (test
-uses 0), one table weight x FID / KID (``sweep.md``)::
+``sweep`` — pick the guidance weight (and the window's end ``time_max``) of one trained DG on
+validation samples, as the paper picks w: ``noisecls validate`` at each setting with the FID
+callback's sample seed set to 1 (test uses 0), one table setting x FID / KID (``sweep.md``)::
 
     python benchmarks/study_dg.py sweep --config experiments/dg_digits.yaml \\
-        --ckpt runs/dg_digits/lightning_logs/version_0/checkpoints/best.ckpt --weights 0 1 2 4
+        --ckpt runs/dg_digits/lightning_logs/version_0/checkpoints/best.ckpt --weights 0 1 2 4 \\
+        --time-max 1 0.5 0.2
 
 Nothing is tuned to make DG win: the configs are the shipped ones.
 """
@@ -35,14 +36,21 @@ from cli_runs import EXPERIMENTS, has_checkpoint, newest_checkpoint, noisecls, r
 SAMPLE_METRICS = ("fid", "kid")
 
 
-def weight_args(config: dict, weight: float) -> list[str]:
-    """Command-line options setting the guidance weight w; Heun's corrector weight follows w
-    when the config ties them (equal there), else it keeps its value."""
+def weight_args(config: dict, weight: float, time_max: float | None = None) -> list[str]:
+    """Command-line options setting the guidance weight w (and the window's time_max when
+    given); Heun's corrector weight follows w when the config ties them (equal there), else it
+    keeps its value."""
     guidance = config["model"]["init_args"].get("guidance", {})
     args = ["--model.init_args.guidance.weight", str(weight)]
     if guidance.get("second_order_weight") == guidance.get("weight", 2.0):
         args += ["--model.init_args.guidance.second_order_weight", str(weight)]
+    if time_max is not None:
+        args += ["--model.init_args.guidance.time_max", str(time_max)]
     return args
+
+
+def label(weight: float, time_max: float | None) -> str:
+    return f"w{weight:g}" + ("" if time_max is None else f"_tmax{time_max:g}")
 
 
 def sample_metrics(run: Path, stage: str) -> dict[str, float]:
@@ -66,19 +74,23 @@ def validation_config(config_path: Path, out: Path) -> Path:
     return path
 
 
-def sweep(config: Path, ckpt: Path, weights: list[float], out: Path, extra: list[str]) -> dict:
-    """``noisecls validate`` of ckpt at each weight: {weight: {metric: value}}."""
+def sweep(
+    config: Path, ckpt: Path, weights: list[float], time_maxes: list[float | None], out: Path,
+    extra: list[str],
+) -> dict:  # fmt: skip
+    """``noisecls validate`` of ckpt at each (weight, time_max): {label: {metric: value}}."""
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(config.read_text())
     validate = validation_config(config, out)
     table = {}
     for w in weights:
-        run = out / f"w{w:g}"
-        if not any(run.rglob("results.json")):
-            noisecls("validate", "--config", str(validate), "--ckpt_path", str(ckpt),
-                     *weight_args(base, w), "--trainer.default_root_dir", str(run), *extra,
-                     cwd=out)  # fmt: skip
-        table[w] = sample_metrics(run, "val")
+        for t in time_maxes if w else [None]:
+            run = out / label(w, t)
+            if not any(run.rglob("results.json")):
+                noisecls("validate", "--config", str(validate), "--ckpt_path", str(ckpt),
+                         *weight_args(base, w, t), "--trainer.default_root_dir", str(run),
+                         *extra, cwd=out)  # fmt: skip
+            table[label(w, t)] = sample_metrics(run, "val")
     return table
 
 
@@ -104,9 +116,10 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     config = yaml.safe_load(dg_config.read_text())
     result: dict = {"discriminator": {}, "weights": {}}
     for w in args.weights:
-        test = dg / f"test_w{w:g}"
+        time_max = args.time_max if w else None
+        test = dg / f"test_{label(w, time_max)}"
         if not any(test.rglob("results.json")):
-            noisecls("test", *common, "--ckpt_path", str(best), *weight_args(config, w),
+            noisecls("test", *common, "--ckpt_path", str(best), *weight_args(config, w, time_max),
                      "--trainer.default_root_dir", str(test), cwd=out)  # fmt: skip
         found = read_results(test)
         result["weights"][w] = sample_metrics(test, "test")
@@ -143,9 +156,9 @@ def study_markdown(per_seed: list[dict], weights: list[float]) -> str:
 
 def sweep_markdown(table: dict) -> str:
     metrics = sorted(next(iter(table.values())))
-    lines = ["| w | " + " | ".join(metrics) + " |", "|---" * (1 + len(metrics)) + "|"]
-    for w, row in table.items():
-        lines.append(f"| {w:g} | " + " | ".join(f"{row[m]:.4g}" for m in metrics) + " |")
+    lines = ["| guidance | " + " | ".join(metrics) + " |", "|---" * (1 + len(metrics)) + "|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.4g}" for m in metrics) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,16 +171,20 @@ def main() -> None:
     study.add_argument("--dg-steps", type=int, help="default: the DG config's max_steps")
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     study.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    study.add_argument("--time-max", type=float, help="guidance window end (default: config's)")
     study.add_argument("--out", type=Path, default=Path("runs/study_dg"))
     grid = sub.add_parser("sweep", help="guidance weight x FID/KID on validation samples")
     grid.add_argument("--config", type=Path, required=True)
     grid.add_argument("--ckpt", type=Path, required=True)
     grid.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
+    grid.add_argument("--time-max", type=float, nargs="+", default=[None],
+                      help="guidance window ends to try with every weight > 0")  # fmt: skip
     grid.add_argument("--out", type=Path, default=Path("runs/dg_sweep"))
     args, extra = parser.parse_known_args()
     out = args.out.resolve()
     if args.command == "sweep":
-        table = sweep(args.config.resolve(), args.ckpt.resolve(), args.weights, out, extra)
+        table = sweep(args.config.resolve(), args.ckpt.resolve(), args.weights, args.time_max, out,
+                      extra)  # fmt: skip
         text = sweep_markdown(table)
         (out / "sweep.md").write_text(text)
         print(text)
