@@ -13,8 +13,9 @@ held-out BCE / accuracy / ECE::
     python benchmarks/study_dg.py study --data digits --score-steps 1000 --seeds 0 1 2
 
 ``sweep`` — pick the guidance weight (and the window's end ``time_max``) of one trained DG on
-validation samples, as the paper picks w: ``noisecls validate`` at each setting with the FID
-callback's sample seed set to 1 (test uses 0), one table setting x FID / KID (``sweep.md``)::
+validation samples, as the paper picks w: the DG config's FID at each setting with the FID
+callback's sample seed set to 1 (the reported test uses 0: samples it never sees), one table
+setting x FID / KID (``sweep.md``)::
 
     python benchmarks/study_dg.py sweep --config experiments/dg_digits.yaml \\
         --ckpt runs/dg_digits/lightning_logs/version_0/checkpoints/best.ckpt --weights 0 1 2 4 \\
@@ -78,7 +79,8 @@ def sweep(
     config: Path, ckpt: Path, weights: list[float], time_maxes: list[float | None], out: Path,
     extra: list[str],
 ) -> dict:  # fmt: skip
-    """``noisecls validate`` of ckpt at each (weight, time_max): {label: {metric: value}}."""
+    """ckpt at each (weight, time_max) with the validation samples (``noisecls test`` of
+    :func:`validation_config`, whose FID samples come from seed 1): {label: {metric: value}}."""
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(config.read_text())
     validate = validation_config(config, out)
@@ -87,10 +89,10 @@ def sweep(
         for t in time_maxes if w else [None]:
             run = out / label(w, t)
             if not any(run.rglob("results.json")):
-                noisecls("validate", "--config", str(validate), "--ckpt_path", str(ckpt),
+                noisecls("test", "--config", str(validate), "--ckpt_path", str(ckpt),
                          *weight_args(base, w, t), "--trainer.default_root_dir", str(run),
                          *extra, cwd=out)  # fmt: skip
-            table[label(w, t)] = sample_metrics(run, "val")
+            table[label(w, t)] = sample_metrics(run, "test")
     return table
 
 
