@@ -19,7 +19,8 @@ What is refused, in one line at setup (:class:`SpeedOptionsError`):
   (:func:`noisecls.denoisers.needs_input_grad`): CDM (its training loss is a double backward,
   which compiled graphs do not support) and DG (guidance takes the discriminator's input
   gradient inside the sampler);
-* ``compile`` / ``channels_last`` without a convolutional backbone ``module.net``;
+* ``compile`` without a convolutional backbone ``module.net``, ``channels_last`` without
+  convolution weights;
 * mixed precision for a method that names why its loss needs float32
   (``DiffusionModule.mixed_precision_refusal``);
 * half-precision weights (``16-true``, ``bf16-true``): an EMA update (1 - 0.9999)·(w - ema) and
@@ -118,12 +119,15 @@ def check_speed(config: SpeedConfig, module: L.LightningModule, precision: str =
             "(CDM trains through it, a double backward compiled graphs lack; DG's guidance "
             "differentiates the discriminator inside the sampler); set compile: false"
         )
-    for option in ("compile", "channels_last"):
-        if getattr(config, option) and not _is_convolutional(net):
-            raise SpeedOptionsError(
-                f"{option} needs a convolutional backbone at {method}.net "
-                f"(found {type(net).__name__ if net is not None else 'none'}); set {option}: false"
-            )
+    if config.compile and not _is_convolutional(net):
+        raise SpeedOptionsError(
+            f"compile needs convolution weights in the backbone {method}.net (found "
+            f"{type(net).__name__ if net is not None else 'none'}); set compile: false"
+        )
+    if config.channels_last and not _is_convolutional(module):
+        raise SpeedOptionsError(
+            f"channels_last needs convolution weights, {method} has none; set channels_last: false"
+        )
 
 
 def compile_backbone(config: SpeedConfig, module: nn.Module) -> None:

@@ -117,9 +117,9 @@ def test_refused_combinations_name_the_reason(method, config, precision, words) 
 
 
 @pytest.mark.parametrize("option", ["compile", "channels_last"])
-def test_options_for_convolutions_refuse_an_mlp_backbone(option: str) -> None:
+def test_options_for_convolutions_refuse_an_mlp(option: str) -> None:
     module = DDM(ResidualMLP(dim=2, hidden=16, num_blocks=1), DiscreteSchedule(), data_shape=(2,))
-    with pytest.raises(SpeedOptionsError, match=f"{option} needs a convolutional backbone"):
+    with pytest.raises(SpeedOptionsError, match=f"{option} needs convolution"):
         check_speed(SpeedConfig(**{option: True}), module, "32-true")
 
 
@@ -190,3 +190,24 @@ def test_compiled_backbone_agrees_with_eager_and_survives_deep_copy() -> None:
             twin(x, torch.ones(8)).abs().max() == 0
             and compiled.net(x, torch.ones(8)).abs().max() > 0
         )
+
+
+def test_accumulated_micro_batches_draw_their_own_noise(tmp_path) -> None:
+    """With accumulate_grad_batches 2 the two micro-batches of a step (same global_step, same
+    weights) are fed the same images here: their losses differ only if their noise differs."""
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *_):
+            losses.append(float(outputs["loss"]))
+
+    x = clean_batch()[:4].repeat(2, 1, 1, 1)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(8, dtype=torch.long))
+    trainer = L.Trainer(
+        max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit(DDM(unet(), DiscreteSchedule(), data_shape=SHAPE),
+                torch.utils.data.DataLoader(data, batch_size=4))  # fmt: skip
+    assert len(losses) == 2 and abs(losses[0] - losses[1]) > 1e-3 * losses[0]

@@ -310,7 +310,16 @@ class DiffusionModule(L.LightningModule):
         """Reseed the global RNG (dropout, any unseeded draw) from (seed, step, rank), so a
         resumed run reproduces the uninterrupted one (dropout masks do depend on the rank
         count: a 2-process run matches a 1-process one only for nets without dropout)."""
-        torch.manual_seed(derive_seed(self.seed, self.global_step, self.global_rank, 7))
+        salt = self.micro_batch_salt(batch_idx)
+        torch.manual_seed(derive_seed(self.seed, self.global_step, self.global_rank, 7, *salt))
+
+    def micro_batch_salt(self, batch_idx: int) -> tuple[int, ...]:
+        """Extra seed salt of a training batch: none without gradient accumulation (runs
+        reproduce as before); with ``trainer.accumulate_grad_batches`` k > 1 the micro-batch's
+        index within its optimizer step, since the k micro-batches share ``global_step`` and
+        would otherwise draw the same noise levels, noise and dropout masks."""
+        k = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return () if k == 1 else (23, batch_idx % k)
 
     def class_labels(self, labels: Tensor | None) -> Tensor | None:
         """Labels the network should see (None for unconditional methods)."""
@@ -318,7 +327,8 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        loss, extras = self.training_loss(x0, self.class_labels(labels), self.step_generator())
+        generator = self.step_generator(*self.micro_batch_salt(batch_idx))
+        loss, extras = self.training_loss(x0, self.class_labels(labels), generator)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
