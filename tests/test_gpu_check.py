@@ -1,0 +1,92 @@
+"""benchmarks/gpu_check.py: its synthetic data sets load through the real DataModules, a timed
+run keeps the paper config's trainer settings, the budgets it projects, and (slow) the whole CPU
+dry run ``--device cpu --tiny``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision.datasets.cifar as torchvision_cifar
+import yaml
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> gpu_check.SyntheticData:
+    """The script's data sets (4 images per CIFAR batch file) with its md5 replacement, undone
+    after the test."""
+    monkeypatch.setattr(torchvision_cifar, "check_integrity", torchvision_cifar.check_integrity)
+    gpu_check.trust_synthetic_cifar()
+    root = tmp_path / "data"
+    return gpu_check.SyntheticData(
+        gpu_check.write_cifar(root / "cifar10", 4),
+        gpu_check.write_images(root / "celeba", 3, 178, 218),
+        gpu_check.write_images(root / "images64", 3, 64, 64),
+    )
+
+
+def test_synthetic_cifar_is_read_by_torchvision_as_written(synthetic) -> None:
+    data = torchvision_cifar.CIFAR10(str(synthetic.cifar), train=True)
+
+    batch = pickle.loads((synthetic.cifar / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    assert len(data) == 5 * 4 and len(torchvision_cifar.CIFAR10(str(synthetic.cifar), False)) == 4
+    image, label = data[0]
+    expected = batch["data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(image), expected) and label == batch["labels"][0]
+
+
+def test_timed_run_keeps_the_paper_trainer_settings(synthetic, tmp_path: Path) -> None:
+    """A config with bf16-mixed, accumulation and SpeedOptions builds its timed run with them,
+    its data read from the synthetic set; a variant replaces precision and options."""
+    config = yaml.safe_load((gpu_check.EXPERIMENTS / "ddm_cifar10.yaml").read_text())
+    config["trainer"].update(precision="bf16-mixed", accumulate_grad_batches=2)
+    config["trainer"]["callbacks"].append(
+        {"class_path": "noisecls.speed.SpeedOptions", "init_args": {"tf32": True}}
+    )
+    args = gpu_check.argparse.Namespace(device="cpu", tiny=True)
+    run = gpu_check.prepare(config, synthetic, args, gpu_check.PAPER, tmp_path / "a", 3)
+    _, datamodule, trainer = gpu_check.build(run, tmp_path / "a")
+    speed = [c for c in trainer.callbacks if type(c).__name__ == "SpeedOptions"]
+    assert trainer.precision == "bf16-mixed" and trainer.accumulate_grad_batches == 2
+    assert len(speed) == 1 and speed[0].config.tf32 and trainer.max_steps == 3
+    datamodule.setup("fit")
+    assert (len(datamodule.train_set), len(datamodule.val_set)) == (5 * 4, 4)  # test_batch
+    run = gpu_check.prepare(config, synthetic, args, gpu_check.OPTION_VARIANTS[0], tmp_path, 3)
+    assert run["trainer"]["precision"] == "32-true" and run["trainer"]["callbacks"] == [
+        {"class_path": "noisecls.speed.SpeedOptions", "init_args": {}}
+    ]
+
+
+def test_paper_budgets_in_epochs_become_steps_at_the_global_batch() -> None:
+    path = gpu_check.EXPERIMENTS / "dg_cifar10.yaml"
+    config = yaml.safe_load(path.read_text())
+    assert gpu_check.training_budget(config, path, 128) == 60 * 391  # ceil(50,000 / 128)
+    path = gpu_check.EXPERIMENTS / "ddm_cifar10.yaml"
+    assert gpu_check.training_budget(yaml.safe_load(path.read_text()), path, 128) == 800_000
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_measures_every_paper_config() -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--tiny"],
+        env=env, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for path in gpu_check.paper_configs():
+        row = re.search(rf"^{path.stem} +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)", done.stdout,
+                        re.MULTILINE)  # fmt: skip
+        assert row and float(row[1]) > 0 and float(row[4]) > 0, path.stem
+    assert re.search(r"^bf16-mixed +[0-9.]+ +[0-9.]+", done.stdout, re.MULTILINE)
