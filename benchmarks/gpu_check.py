@@ -17,7 +17,8 @@ config needs) trained for a few steps, then its fake set written with DG's sampl
     config | steps/s | img/s trained | peak GPU MiB | sampling img/s | paper training h | 50k FID h
 
 then the speed-up of each option over float32 eager on ``--option-configs``, and with 2+ GPUs
-the 2-process DDP scaling of ddm_cifar10. Exit status 1 if any run failed.
+the 2-process DDP scaling of ddm_cifar10. Exit status 1 if any run failed. On a CPU the
+backbone is never compiled (inductor takes minutes per U-Net there).
 
     python benchmarks/gpu_check.py                         # one GPU, at most ~8 minutes
     python benchmarks/gpu_check.py --device cpu --tiny     # CPU dry run (tiny widths / steps)
@@ -203,6 +204,9 @@ def prepare(config: dict, data: SyntheticData, args: argparse.Namespace, variant
         "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0,
         "default_root_dir": str(root), "callbacks": speed,
     }  # fmt: skip
+    if args.device == "cpu":  # inductor compiles a U-Net for minutes on a CPU: eager there
+        for callback in speed:
+            callback["init_args"] = {**callback.get("init_args", {}), "compile": False}
     data.point(config["data"])
     data_args = config["data"]["init_args"]
     data_args["num_workers"] = 0 if args.tiny else 4
