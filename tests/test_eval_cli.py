@@ -110,7 +110,7 @@ def test_fit_then_test_writes_the_results_file(evaluated: dict[str, Path]) -> No
         assert r["samples"] == FID_SAMPLES and r["sampler"] == "ddim(10)" and r["nfe"] == 10
     assert records["test/fid"]["value"] > 0 and math.isfinite(records["test/fid"]["value"])
     nll = records["test/nll_bpd"]
-    assert nll["samples"] == NLL_EXAMPLES and nll["sampler"] == "ode(hutchinson,8)"
+    assert nll["samples"] == NLL_EXAMPLES and nll["sampler"] == "ode(rk4,8,hutchinson,K=1)"
     assert nll["nfe"] == 4 * 8 and 0 < nll["value"] < 20
     curve = [r for name, r in records.items() if name.startswith("test/denoise_mse/sigma=")]
     assert len(curve) == 15 and all(r["samples"] == MSE_EXAMPLES for r in curve)

@@ -172,3 +172,15 @@ def test_ode_likelihood_rejects_bad_options(mixture):
                              ({"solver": "dopri5", "rtol": 0.0}, "tolerances")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             ode_likelihood(mixture.denoiser(), x, **base, **options)
+
+
+def test_results_name_each_estimator_with_its_settings() -> None:
+    """The results tables' estimator column: solver and steps or tolerances, trace and probes
+    for the ODE; points for the ITD; the level for CDM's one pass."""
+    from noisecls.callbacks.likelihood import describe_estimator
+
+    assert describe_estimator("ode", {"num_steps": 8}) == "ode(rk4,8,hutchinson,K=1)"
+    dopri = {"solver": "dopri5", "rtol": 1e-4, "atol": 1e-6, "trace": "exact"}
+    assert describe_estimator("ode", dopri) == "ode(dopri5,rtol=0.0001,atol=1e-06,exact)"
+    assert describe_estimator("itd", {"num_points": 256}) == "itd(256)"
+    assert describe_estimator("cdm", {}) == "cdm(level=0)"

@@ -57,8 +57,9 @@ def describe_estimator(name: str, options: dict[str, Any]) -> str:
     """A likelihood estimator as a short string for results tables. The ODE names its solver,
     its steps (rk4) or tolerances (dopri5), the trace and the Hutchinson probes, e.g.
     ``ode(rk4,64,hutchinson,K=1)`` or ``ode(dopri5,rtol=1e-05,atol=1e-05,exact)``; missing
-    options take ``ode_likelihood``'s defaults. The ELBO names its levels (``elbo(100)``), CDM's
-    one-pass estimate the level whose density it is (``cdm(level=0)``)."""
+    options take ``ode_likelihood``'s defaults. The ELBO names its levels (``elbo(100)``), the ITD
+    its log-SNR points when set (``itd(256)``), CDM's one-pass estimate the level whose density it
+    is (``cdm(level=0)``)."""
     if name == "ode":
         options = method_defaults(ode_likelihood) | options
         parts = [str(options["solver"])]
@@ -74,6 +75,8 @@ def describe_estimator(name: str, options: dict[str, Any]) -> str:
         return f"cdm(level={options.get('level', 0)})"
     if name == "elbo" and options.get("num_levels") is not None:
         return f"elbo({options['num_levels']})"
+    if name == "itd" and options.get("num_points") is not None:
+        return f"itd({options['num_points']})"
     return name
 
 
