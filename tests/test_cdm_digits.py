@@ -104,7 +104,7 @@ def test_fit_then_test_reports_fid_nll_and_denoising_mse(tmp_path):
     records = fit_and_test("cdm", tmp_path, steps=4, fid_samples=100, examples=100,
                            sampler_steps=5)  # fmt: skip
     check_cdm_records(records, 100, 100)
-    assert records["test/fid"]["sampler"] == "ddim(5)" and records["test/fid"]["nfe"] == 5
+    assert records["test/fid"]["sampler"] == "ddim(5,clip=1)" and records["test/fid"]["nfe"] == 5
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def test_fit_then_test_writes_the_results_file(evaluated: dict[str, Path]) -> No
     assert payload["world_size"] == 1 and payload["checkpoint"].endswith("last.ckpt")
     for name in ("test/fid", "test/kid", "test/kid_std"):
         r = records[name]
-        assert r["samples"] == FID_SAMPLES and r["sampler"] == "ddim(10)" and r["nfe"] == 10
+        assert r["samples"] == FID_SAMPLES and r["sampler"] == "ddim(10,clip=1)" and r["nfe"] == 10
     assert records["test/fid"]["value"] > 0 and math.isfinite(records["test/fid"]["value"])
     nll = records["test/nll_bpd"]
     assert nll["samples"] == NLL_EXAMPLES and nll["sampler"] == "ode(rk4,8,hutchinson,K=1)"
@@ -123,7 +123,7 @@ def test_fit_then_test_writes_the_results_file(evaluated: dict[str, Path]) -> No
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in body}
     assert "KID" in table[-1] and "feature space" in table[-1]  # the note under the table
     assert set(rows) == set(records)
-    assert rows["test/fid"][2:5] == [str(FID_SAMPLES), "ddim(10)", "10"]
+    assert rows["test/fid"][2:5] == [str(FID_SAMPLES), "ddim(10,clip=1)", "10"]
     assert float(rows["test/fid"][1]) == pytest.approx(records["test/fid"]["value"], rel=1e-5)
 
 
