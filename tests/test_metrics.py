@@ -514,8 +514,10 @@ def test_results_file_and_wandb_table(mixture_data: ToyDataModule, tmp_path: Pat
     assert records["test/denoise_mse_oracle/sigma=0.5"]["per_rank_samples"] == [64]
     assert "test/loss" in records  # other logged test values join with empty columns
 
-    table = (tmp_path / "results" / "results.md").read_text().splitlines()
+    text = (tmp_path / "results" / "results.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]  # the note follows
     assert table[0] == "| metric | value | samples | sampler | NFE | seconds |"
+    assert "KID" in text.split(table[-1])[1]  # the note after the table explains the units
     assert len(table) == 2 + len(records)
     nll_row = next(line for line in table if line.startswith("| test/nll_bpd |"))
     assert nll_row.split(" | ")[2:5] == ["32", "ode(rk4,8,exact)", "32"]
