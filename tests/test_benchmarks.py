@@ -36,7 +36,15 @@ def test_every_benchmark_is_covered() -> None:
     assert sorted(p.name for p in BENCH.glob("bench_*.py")) == sorted(TINY)
 
 
-@pytest.mark.parametrize("script", sorted(TINY))
+#: the slowest smoke runs (interleaved repeats of a double backward / a Lightning fit) run with
+#: ``make test-slow``; the default suite keeps the others within CI's budget
+SLOW_SCRIPTS = ("bench_cdm.py", "bench_ddm.py")
+
+
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SCRIPTS else s for s in sorted(TINY)],
+)
 def test_benchmark_runs(script: str) -> None:
     args, marker = TINY[script]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

@@ -496,6 +496,7 @@ def test_official_weight_is_the_official_balance():
 OOD = ("OOD grid", "OOD over-noised")
 
 
+@pytest.mark.slow  # default-suite budget (CI: 15 min on 2 cores)
 def test_cdl_vs_ddm_on_toy_quick():
     """Default-suite version of the 2-D comparison (one seed, a 1500-step DDM fine-tuned 400
     steps three ways on the same batches): CDL improves the implied noise classifier, its OOD

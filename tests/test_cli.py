@@ -320,6 +320,7 @@ def test_default_loggers_follow_the_config():
     assert isinstance(mine, CSVLogger) and mine.save_dir == "mine"
 
 
+@pytest.mark.slow  # default-suite budget (CI: 15 min on 2 cores)
 def test_default_wandb_run_is_offline_and_holds_the_metrics(tmp_path):
     out = noisecls(
         "fit", "--config", TOY, *SMALL_TOY, "--trainer.max_steps", "6",

@@ -176,6 +176,7 @@ def train_discriminator(
     return dg, {k: float(v) for k, v in trainer.callback_metrics.items()}, counter
 
 
+@pytest.mark.slow  # default-suite budget (CI: 15 min on 2 cores)
 def test_dg_trains_on_cached_features_without_running_the_extractor(
     real_fake: RealFakeDataModule, tmp_path: Path
 ) -> None:
