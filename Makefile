@@ -1,7 +1,7 @@
 # One virtual environment, .venv, holds everything: `make install` then `make test`.
 PY ?= .venv/bin/python
 
-.PHONY: install test test-slow lint bench
+.PHONY: install test test-slow lint bench repro
 
 install:
 	python3 -m venv .venv
@@ -20,3 +20,8 @@ lint:
 
 bench:
 	$(PY) benchmarks/run.py
+
+# every method on the digits at one shared budget, two processes at once, then the compare table
+# (runs/reproduce_digits/reproduce.md; ~50 min on 2 cores; README "One-command digits reproduction")
+repro:
+	$(PY) benchmarks/reproduce_digits.py --steps 2000 --jobs 2

@@ -25,7 +25,8 @@ def test_smoke_reproduction_writes_the_cross_method_table(tmp_path: Path) -> Non
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "reproduce_digits.py"), "--steps", "2",
          "--fid-samples", "50", "--nll-examples", "10", "--sampler-steps", "5",
-         "--fake-samples", "100", "--feature-epochs", "1", "--out", str(tmp_path / "repro")],
+         "--fake-samples", "100", "--feature-epochs", "1", "--jobs", "2",
+         "--out", str(tmp_path / "repro")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3000,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
@@ -40,5 +41,6 @@ def test_smoke_reproduction_writes_the_cross_method_table(tmp_path: Path) -> Non
     assert rows["dg_guided"]["checkpoint"] == rows["dg_unguided"]["checkpoint"]
     assert rows["dg_guided"]["test/fid"] != rows["dg_unguided"]["test/fid"]
     assert rows["cdl_finetune"]["checkpoint"] != rows["cdl"]["checkpoint"]
+    assert (tmp_path / "repro" / "logs" / "cdm.log").is_file()  # --jobs 2: a log per row
     report = (tmp_path / "repro" / "reproduce.md").read_text()
     assert "steps per fit: 2" in report and "at commit " in report
