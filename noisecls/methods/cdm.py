@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from noisecls.denoisers import CDMDenoiser, Denoiser, GuidedDenoiser
 from noisecls.errors import NoiseclsError
 from noisecls.likelihood import cdm_log_likelihood, dequantize, nll_to_bits_per_dim
+from noisecls.likelihood.cdm_normalization import cdm_log_normalizers
 from noisecls.methods.base import DiffusionModule, PredictConfig
 from noisecls.process.schedules import DiscreteSchedule
 from noisecls.randomness import derive_seed, per_example, randn_per_example
@@ -201,6 +202,43 @@ class CDM(DiffusionModule):
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             return cdm_log_likelihood(self.model, x, level=level, class_labels=class_labels)
+
+    def normalize_levels(
+        self,
+        num_chains: int = 256,
+        mala_steps: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Make every level density q_t(x) = exp(f_t - f_{T+1}) N(x; 0, I) (eq. 10) integrate
+        to 1: estimate log Z_t by annealed importance sampling down the levels
+        (``noisecls.likelihood.cdm_normalization``) and subtract it from the logit f_t by
+        shifting the head's last biases (with cumsum: bias_t -= log Z_t - log Z_{t-1}).
+
+        Only per-level constants change, so the gradient denoiser (eq. 8) is exactly the same;
+        the one-pass likelihood at every level is then that of a normalised density. The
+        cross-entropy leaves these constants nearly free (README, "Why does CDM trail the DDM
+        at equal steps?"). Needs the net's ``LogitsHead`` (``net.head.linear``) and
+        ``data_shape``. Returns the log Z_t [T + 2] (float64, nats) that were removed.
+        """
+        head = getattr(self.net, "head", None)
+        linear = getattr(head, "linear", None)
+        if linear is None or linear.bias is None or self.data_shape is None:
+            raise NoiseclsError(
+                "normalize_levels needs a net with a LogitsHead (net.head.linear with a bias) "
+                "and the model's data_shape"
+            )
+        log_z = cdm_log_normalizers(
+            self.model,
+            self.data_shape,
+            num_chains=num_chains,
+            mala_steps=mala_steps,
+            generator=generator,
+            device=linear.bias.device,
+        )
+        shift = torch.diff(log_z, prepend=log_z.new_zeros(1)) if head.cumsum else log_z
+        with torch.no_grad():
+            linear.bias.sub_(shift.to(linear.bias))
+        return log_z
 
     def bits_per_dim(
         self,
