@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from noisecls.data.base import NoiseclsDataModule, TensorPairDataset
 from noisecls.methods import CDL, CDM, DDM, DiffusionModule
 from noisecls.methods.soft import SoftDiffusion
 from noisecls.nets import LogitsHead, ResidualMLP, UNet
@@ -211,3 +212,63 @@ def test_accumulated_micro_batches_draw_their_own_noise(tmp_path) -> None:
     trainer.fit(DDM(unet(), DiscreteSchedule(), data_shape=SHAPE),
                 torch.utils.data.DataLoader(data, batch_size=4))  # fmt: skip
     assert len(losses) == 2 and abs(losses[0] - losses[1]) > 1e-3 * losses[0]
+
+
+class Examples(NoiseclsDataModule):
+    """18 training examples whose value is their index (a training step sees which ones)."""
+
+    data_shape = (1,)
+
+    def _build(self) -> None:
+        self.train_set = TensorPairDataset(torch.arange(18.0)[:, None], torch.zeros(18))
+
+
+class SeenExamples(L.LightningModule):
+    """Records (global step, example indices) of each training micro-batch; learns nothing. More
+    micro-batches than ``limit`` is an error (a loader that never reaches the optimizer step)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.limit = limit
+        self.seen: list[tuple[int, list[int]]] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.seen.append((self.global_step, batch[0].flatten().int().tolist()))
+        if len(self.seen) > self.limit:
+            raise RuntimeError("more micro-batches than max_steps x accumulate_grad_batches")
+        return self.weight * batch[0].sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def seen_with_accumulation(root, max_steps: int, ckpt_path: str | None = None) -> SeenExamples:
+    """A fit of SeenExamples on Examples at batch 2 with accumulate_grad_batches 2, ending with
+    root/last.ckpt (resumed from ``ckpt_path``)."""
+    model = SeenExamples(limit=2 * max_steps)
+    trainer = L.Trainer(
+        max_steps=max_steps, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, Examples(batch_size=2), ckpt_path=ckpt_path)
+    trainer.save_checkpoint(root / "last.ckpt")
+    return model
+
+
+def test_accumulation_takes_each_epoch_once_and_resumes_in_place(tmp_path) -> None:
+    """18 examples, micro-batches of 2, 2 per step: an epoch is 4 steps (8 micro-batches, 16
+    distinct examples; the 9th micro-batch, half a step, is dropped), every step gets 2
+    micro-batches, and a run resumed at step 3 continues with the uninterrupted run's batches.
+    (The sampler used to count micro-batches as steps: epoch 2 replayed the end of epoch 1, then
+    a lone micro-batch repeated without an optimizer step, forever.)"""
+    whole = seen_with_accumulation(tmp_path / "whole", 8).seen
+    assert [step for step, _ in whole] == [s for s in range(8) for _ in range(2)]
+    for epoch in (whole[:8], whole[8:]):
+        examples = [i for _, batch in epoch for i in batch]
+        assert len(examples) == len(set(examples)) == 16
+    assert whole[:8] != whole[8:]
+    first = seen_with_accumulation(tmp_path / "first", 3).seen
+    rest = seen_with_accumulation(tmp_path / "rest", 8, str(tmp_path / "first" / "last.ckpt")).seen
+    assert first + rest == whole
