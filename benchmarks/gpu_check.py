@@ -17,11 +17,18 @@ config needs) trained for a few steps, then its fake set written with DG's sampl
     config | steps/s | img/s trained | peak GPU MiB | sampling img/s | paper training h | 50k FID h
 
 then the speed-up of each option over float32 eager on ``--option-configs``, and with 2+ GPUs
-the 2-process DDP scaling of ddm_cifar10. Exit status 1 if any run failed. On a CPU the
-backbone is never compiled (inductor takes minutes per U-Net there).
+the 2-process DDP scaling of ddm_cifar10. Exit status 1 if any run failed (a config the CLI
+rejects included: its row says FAILED and the check goes on). On a CPU the backbone is never
+compiled (inductor takes minutes per U-Net there).
+
+``--tiny`` is a dry run of the same code paths, not a measurement: tiny networks (width 16, one
+residual block per level), batch 4, one optimizer step, one sampler step, 64x64 configs at 16x16,
+2 CDL points, and DG's fake set cut to 8 samples written with a 2-step sampler (DG guides the
+same); no speed-option table unless ``--option-configs`` names configs. About 40 s on 2 busy
+CPU cores (``tests/test_gpu_check.py`` runs it).
 
     python benchmarks/gpu_check.py                         # one GPU, at most ~8 minutes
-    python benchmarks/gpu_check.py --device cpu --tiny     # CPU dry run (tiny widths / steps)
+    python benchmarks/gpu_check.py --device cpu --tiny     # CPU dry run (~40 s)
     python benchmarks/gpu_check.py --memory                # activation-memory estimate (CPU)
 """
 
@@ -115,7 +122,7 @@ class SyntheticData:
 
     @classmethod
     def write(cls, root: Path, tiny: bool) -> SyntheticData:
-        n = 24 if tiny else 1000
+        n = TINY_IMAGES if tiny else 1000
         return cls(write_cifar(root / "cifar10", n), write_images(root / "celeba", n, 178, 218),
                    write_images(root / "images64", n, 64, 64))  # fmt: skip
 
@@ -157,30 +164,47 @@ def speed_callbacks(config: dict) -> list[dict]:
             if c["class_path"].endswith("SpeedOptions")]  # fmt: skip
 
 
-#: tiny runs: U-Net width, and the resolution 64x64 configs run at (CDL's full-covariance
-#: Gaussian reference of 3·64·64 dimensions needs ~20 GB of host memory)
-TINY_WIDTH, TINY_RESOLUTION = 16, 32
+#: --tiny (a dry run of the code paths, not a measurement): U-Net width and residual blocks per
+#: level (heads' hidden widths follow the width), the resolution 64x64 configs run at (CDL's
+#: Gaussian reference of 3·64·64 dimensions needs ~20 GB of host memory), training and sampling
+#: batch, images per synthetic CIFAR batch file and per image folder, CDL's ITD points per
+#: density in the loss, and DG's fake set (samples) and sampler steps (the fake set's sampler
+#: and the guided one: DG refuses a mismatch)
+TINY_WIDTH, TINY_BLOCKS, TINY_RESOLUTION, TINY_BATCH, TINY_IMAGES = 16, 1, 16, 4, 8
+TINY_CDL_POINTS, TINY_FAKE_SAMPLES, TINY_DG_SAMPLER_STEPS = 2, 8, 2
+TINY_NOTE = (
+    f"tiny dry run (width {TINY_WIDTH}, {TINY_BLOCKS} block per level, batch {TINY_BATCH}, "
+    f"{TINY_CDL_POINTS} CDL points, DG fake set of {TINY_FAKE_SAMPLES} with "
+    f"{TINY_DG_SAMPLER_STEPS}-step samplers; 64x64 configs at {TINY_RESOLUTION}x{TINY_RESOLUTION}; "
+    "speed options only with --option-configs): a check that every config runs, not a measurement"
+)
 
 
 def shrink(config: dict) -> None:
-    """Tiny widths (heads' hidden widths follow the trunk), batches and CDL point counts;
-    64x64 configs at 32x32 (DG's discriminator then reads a 4x4 bottleneck)."""
+    """Tiny widths and blocks (heads' hidden widths follow), batches and CDL point counts;
+    64x64 configs at ``TINY_RESOLUTION`` (DG's discriminator then reads the bottleneck of the
+    score U-Net's 4 levels: TINY_RESOLUTION / 8)."""
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     if "cdl_points" in model:  # CDL's loss evaluates the net at 2 x examples x points inputs
-        model["cdl_points"] = 4
+        model["cdl_points"] = TINY_CDL_POINTS
     for key in ("net", "discriminator_net"):
         if key in model:
-            model[key]["init_args"]["model_channels"] = TINY_WIDTH
+            net = model[key]["init_args"]
+            net.update(model_channels=TINY_WIDTH, num_res_blocks=TINY_BLOCKS)
+            head = net.get("head", {}).get("init_args", {})
+            if "hidden_channels" in head:
+                head["hidden_channels"] = 2 * TINY_WIDTH
     for section in (data, data.get("real", {}).get("init_args", {})):
         if "batch_size" in section:
-            section["batch_size"] = 4
+            section["batch_size"] = TINY_BATCH
         if "path" in section:
             section["resolution"] = TINY_RESOLUTION
             if "net" in model:
                 model["net"]["init_args"]["image_size"] = TINY_RESOLUTION
             if "discriminator_net" in model:
+                side = TINY_RESOLUTION // 8
                 model["discriminator_net"]["init_args"].update(
-                    image_size=4, attention_resolutions=[4, 2]
+                    image_size=side, attention_resolutions=[side, side // 2]
                 )
 
 
@@ -218,15 +242,28 @@ def prepare(config: dict, data: SyntheticData, args: argparse.Namespace, variant
     return config
 
 
+class ConfigRejectedError(Exception):
+    """The CLI refused a config (a row of the table fails instead of the whole check)."""
+
+
 def build(config: dict, root: Path):
-    """(model, datamodule, trainer) of a config dict, through the project's CLI."""
+    """(model, datamodule, trainer) of a config dict, through the project's CLI (without its
+    SaveConfigCallback: a timed run writes no config.yaml). A config the CLI rejects (it writes
+    its one-line error and exits) raises :class:`ConfigRejectedError`."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
     from noisecls.cli import build_cli
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = build_cli(["--config", str(path), "--wandb", "false"], run=False)
-    return cli.model, cli.datamodule, cli.trainer
+    try:
+        cli = build_cli(["--config", str(path), "--wandb", "false"], run=False)
+    except SystemExit as err:
+        raise ConfigRejectedError(f"the CLI rejected it (exit {err.code}, error above)") from err
+    trainer = cli.trainer
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+    return cli.model, cli.datamodule, trainer
 
 
 # ------------------------------------------------------------------------- measurements
@@ -284,27 +321,34 @@ def global_batch(config: dict) -> int:
     return int(data["batch_size"]) * int(config["trainer"].get("accumulate_grad_batches", 1))
 
 
-def time_sampling(module, trainer, n: int, steps: int, device: torch.device) -> tuple[float, int]:
+def sampler_steps(config: dict) -> int:
+    """The config's sampler steps (the paper sampler's, read from its YAML)."""
+    return int(config["model"]["init_args"]["sampler"]["num_steps"])
+
+
+def time_sampling(module, trainer, n: int, steps: int, device: torch.device,
+                  warmup: bool) -> float:  # fmt: skip
     """Seconds per sampler step of a batch of n with the module's sampler cut to ``steps``
-    steps (after one warm-up call of one step), under the trainer's precision context (as
-    ``predict`` runs it), and the paper sampler's step count."""
+    steps (after one warm-up call of one step if ``warmup``), under the trainer's precision
+    context (as ``predict`` runs it)."""
     module.eval()
-    paper = module.sampler
+    sampler = module.sampler
     labels = module.predict_labels(torch.arange(n))
     cond = {} if labels is None else {"class_labels": labels}
     generator = torch.Generator(device=device).manual_seed(0)
 
     def run(k: int) -> None:
-        config = dataclasses.replace(paper, num_steps=k)
+        config = dataclasses.replace(sampler, num_steps=k)
         with trainer.precision_plugin.forward_context():
             module.sample(n, generator=generator, sampler=config, **cond)
 
-    run(1)
+    if warmup:
+        run(1)
     synchronize(device)
     start = time.perf_counter()
     run(steps)
     synchronize(device)
-    return (time.perf_counter() - start) / steps, paper.num_steps
+    return (time.perf_counter() - start) / steps
 
 
 def measure(config_path: Path, config: dict, data: SyntheticData, args: argparse.Namespace,
@@ -320,9 +364,9 @@ def measure(config_path: Path, config: dict, data: SyntheticData, args: argparse
         per_step = global_batch(run)
         steps_per_s = args.steps / timer.seconds
         peak = peak_memory_mib(device)
-        n = 4 if args.tiny else 250
-        step_seconds, paper_steps = time_sampling(model, trainer, n, args.sample_steps, device)
-    sample_rate = n / (step_seconds * paper_steps)
+        n = TINY_BATCH if args.tiny else 250
+        step_seconds = time_sampling(model, trainer, n, args.sample_steps, device, args.warmup > 0)
+    sample_rate = n / (step_seconds * sampler_steps(yaml.safe_load(config_path.read_text())))
     budget = training_budget(config, config_path, global_batch(config))
     return Row(config_path.stem, steps_per_s, per_step, peak, sample_rate,
                budget / steps_per_s / 3600, FID_SAMPLES / sample_rate / 3600)  # fmt: skip
@@ -348,14 +392,18 @@ def score_config(dg_config: dict) -> dict:
 def write_score_run(dg_config: dict, data: SyntheticData, args: argparse.Namespace,
                     root: Path) -> Path:  # fmt: skip
     """Train the score model a few steps, checkpoint it, and write its fake set with DG's
-    sampler (as many samples as the training split) under root/samples, as ``noisecls
-    predict`` does; returns root (DG's ``score_run``)."""
+    sampler under root/samples, as ``noisecls predict`` does (as many samples as the training
+    split; tiny: ``TINY_FAKE_SAMPLES`` in one batch); returns root (DG's ``score_run``)."""
     from noisecls.callbacks import SampleWriter
 
-    config = prepare(score_config(dg_config), data, args, PAPER, root, 2)
+    config = prepare(score_config(dg_config), data, args, PAPER, root, 1 if args.tiny else 2)
     model_args = config["model"]["init_args"]
     model_args["sampler"] = dg_config["model"]["init_args"]["sampler"]
-    model_args["predict"] = {"num_samples": "train", "batch_size": 4 if args.tiny else 500}
+    model_args["predict"] = (
+        {"num_samples": TINY_FAKE_SAMPLES, "batch_size": TINY_FAKE_SAMPLES}
+        if args.tiny
+        else {"num_samples": "train", "batch_size": 500}
+    )
     model, datamodule, trainer = build(config, root)
     trainer.fit(model, datamodule)
     checkpoint = root / "score.ckpt"
@@ -367,15 +415,17 @@ def write_score_run(dg_config: dict, data: SyntheticData, args: argparse.Namespa
 
 def with_score_run(config: dict, config_path: Path, data: SyntheticData,
                    args: argparse.Namespace, root: Path) -> dict:  # fmt: skip
-    """DG configs get a fresh score run (tiny: the discriminator reads a tiny score model's
-    bottleneck, so its input width follows); other configs are returned unchanged."""
+    """DG configs get a fresh score run (tiny: DG's sampler, and so the fake set's, cut to
+    ``TINY_DG_SAMPLER_STEPS`` steps; the discriminator reads a tiny score model's bottleneck, so
+    its input width follows); other configs are returned unchanged."""
     if "score_run" not in config["model"]["init_args"]:
         return config
     config = copy.deepcopy(config)
     model = config["model"]["init_args"]
-    model["score_run"] = str(write_score_run(config, data, args, root / config_path.stem))
     if args.tiny:
+        model["sampler"]["num_steps"] = TINY_DG_SAMPLER_STEPS
         model["discriminator_net"]["init_args"]["in_channels"] = TINY_WIDTH * 2
+    model["score_run"] = str(write_score_run(config, data, args, root / config_path.stem))
     return config
 
 
@@ -517,24 +567,33 @@ def ddp_worker(args: argparse.Namespace, devices: int) -> None:
         print(f"DDP_RATE {args.steps / timer.seconds}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); exits 1 if any run
+    failed, else 0."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny widths, batches and steps")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (20; tiny 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (5; tiny 1)")
-    p.add_argument("--sample-steps", type=int, default=None, help="timed sampler steps (10; 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (20; tiny 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed first steps (5; tiny 0, and no sampling warm-up)")  # fmt: skip
+    p.add_argument("--sample-steps", type=int, default=None, help="timed sampler steps (10; 1)")
     p.add_argument("--configs", nargs="*", help="config stems (default: every paper config)")
-    p.add_argument("--option-configs", nargs="*", default=["ddm_cifar10"],
-                   help="configs whose speed options are compared")  # fmt: skip
+    p.add_argument(
+        "--option-configs",
+        nargs="*",
+        default=None,
+        help="configs whose speed options are compared (ddm_cifar10; tiny: none)",
+    )
     p.add_argument("--memory", action="store_true",
                    help="only the activation-memory estimate at paper width (CPU)")  # fmt: skip
     p.add_argument("--ddp-worker", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    args.steps = args.steps or (2 if args.tiny else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
-    args.sample_steps = args.sample_steps or (2 if args.tiny else 10)
+    args = p.parse_args(argv)
+    args.steps = args.steps or (1 if args.tiny else 20)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 5)
+    args.sample_steps = args.sample_steps or (1 if args.tiny else 10)
+    if args.option_configs is None:
+        args.option_configs = [] if args.tiny else ["ddm_cifar10"]
     trust_synthetic_cifar()
     if args.ddp_worker:
         ddp_worker(args, args.ddp_worker)
@@ -565,7 +624,9 @@ def main() -> None:
                 failures.append(f"{path.stem}: {type(err).__name__}: {err}")
                 rows.append(f"{path.stem:<22}FAILED: {type(err).__name__}")
         name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-        print_rows(rows, name + (" (tiny dry run)" if args.tiny else ""))
+        print_rows(rows, name)
+        if args.tiny:
+            print(TINY_NOTE)
         for stem in args.option_configs:
             options_table(EXPERIMENTS / f"{stem}.yaml", data, args, failures)
     if args.device == "cuda" and torch.cuda.device_count() >= 2:

@@ -1,9 +1,11 @@
 """benchmarks/gpu_check.py: its synthetic data sets load through the real DataModules, a timed
-run keeps the paper config's trainer settings, the budgets it projects, and (slow) the whole CPU
-dry run ``--device cpu --tiny``."""
+run keeps the paper config's trainer settings, the budgets it projects, the CPU dry run
+``--device cpu --tiny`` of every paper config (in this process, ~40 s on 2 busy cores), a failing
+config's exit status, and (slow) the dry run as a command with the speed-option table."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import re
@@ -74,16 +76,71 @@ def test_paper_budgets_in_epochs_become_steps_at_the_global_batch() -> None:
     assert gpu_check.training_budget(yaml.safe_load(path.read_text()), path, 128) == 800_000
 
 
+def run_check(argv: list[str], capsys: pytest.CaptureFixture,
+              monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:  # fmt: skip
+    """gpu_check's command in this process (its md5 replacement undone afterwards): (exit
+    status, standard output)."""
+    monkeypatch.setattr(torchvision_cifar, "check_integrity", torchvision_cifar.check_integrity)
+    with pytest.raises(SystemExit) as done:
+        gpu_check.main(argv)
+    return done.value.code, capsys.readouterr().out
+
+
+def table_row(stem: str, out: str) -> re.Match | None:
+    """The main table's row of a config: steps/s, img/s, peak MiB, sampling img/s, train h,
+    50k FID h."""
+    number = r" +([0-9.]+)"
+    return re.search(rf"^{stem}{number * 6}$", out, re.MULTILINE)
+
+
+def test_cpu_dry_run_runs_every_paper_config(capsys, monkeypatch) -> None:
+    """``--device cpu --tiny``: exit status 0, a row with positive training and sampling rates
+    for each paper config (DG's after its score run and fake set), the note saying that tiny
+    numbers are a dry run, no speed-option table."""
+    code, out = run_check(["--device", "cpu", "--tiny"], capsys, monkeypatch)
+    configs = gpu_check.paper_configs()
+    assert code == 0, out[-3000:]
+    assert {path.stem.split("_")[0] for path in configs} == {"cdl", "cdm", "ddm", "dg", "soft"}
+    for path in configs:
+        row = table_row(path.stem, out)
+        assert row and float(row[1]) > 0 and float(row[4]) > 0, path.stem
+    assert gpu_check.TINY_NOTE in out and "ratio to float32 eager" not in out
+    assert f"{len(configs)} configs in" in out and "; 0 failed" in out
+
+
+def test_a_failing_config_fails_the_check(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A config the CLI rejects (an unknown key) and one that fails when training starts (a
+    negative learning rate) each get a FAILED row, the check goes on to the next, and the exit
+    status is 1."""
+    base = yaml.safe_load((gpu_check.EXPERIMENTS / "ddm_cifar10.yaml").read_text())
+    unknown_key, negative_lr = copy.deepcopy(base), copy.deepcopy(base)
+    unknown_key["model"]["init_args"]["no_such_option"] = 1
+    negative_lr["model"]["init_args"]["optimizer"]["init_args"]["lr"] = -1.0
+    for stem, config in (("a_cifar10", unknown_key), ("b_cifar10", negative_lr)):
+        (tmp_path / f"{stem}.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(gpu_check, "EXPERIMENTS", tmp_path)
+    code, out = run_check(["--device", "cpu", "--tiny"], capsys, monkeypatch)
+    assert code == 1
+    assert re.search(r"^a_cifar10 +FAILED: ConfigRejectedError$", out, re.MULTILINE), out
+    assert re.search(r"^b_cifar10 +FAILED: ValueError$", out, re.MULTILINE), out
+    assert "2 configs in" in out and "; 2 failed" in out
+
+
 @pytest.mark.slow
-def test_cpu_dry_run_measures_every_paper_config() -> None:
+def test_cpu_dry_run_command_with_the_speed_option_table() -> None:
+    """The command as a user runs it, with the speed-option table of ddm_cifar10 (compile is
+    skipped on a CPU)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--tiny"],
-        env=env, capture_output=True, text=True, timeout=3600,
+        [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--tiny",
+         "--option-configs", "ddm_cifar10"],
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for path in gpu_check.paper_configs():
-        row = re.search(rf"^{path.stem} +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)", done.stdout,
-                        re.MULTILINE)  # fmt: skip
+        row = table_row(path.stem, done.stdout)
         assert row and float(row[1]) > 0 and float(row[4]) > 0, path.stem
-    assert re.search(r"^bf16-mixed +[0-9.]+ +[0-9.]+", done.stdout, re.MULTILINE)
+    for variant in ("float32 eager", "tf32", "bf16-mixed", "bf16 \\+ channels_last"):
+        assert re.search(rf"^{variant} +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$", done.stdout,
+                         re.MULTILINE), variant  # fmt: skip
+    assert re.search(r"^bf16 \+ compile +skipped on CPU", done.stdout, re.MULTILINE)
