@@ -309,7 +309,11 @@ class CDL(DDM):
     def contrastive_loss(
         self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
-        """(L_CDL, classification accuracy) on clean x0 [n, ...] and their zeta-noised copies."""
+        """(L_CDL, classification accuracy) on clean x0 [n, ...] and their zeta-noised copies.
+
+        Computed outside autocast (float32 network calls under ``trainer.precision:
+        bf16-mixed``): the logit is a difference of ITD log-densities of thousands of nats, which
+        bf16 network outputs moved by several percent (``tests/test_speed.py``)."""
         n = x0.shape[0]
         zeta = self.zeta.sample(n, generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -319,10 +323,11 @@ class CDL(DDM):
         noisy = signal * x0 + noise * eps
         u = torch.cat([x0, noisy])
         sign = torch.cat([x0.new_ones(n), -x0.new_ones(n)]).to(torch.float64)
-        logit = self.noise_classifier_logit(
-            u, zeta.repeat(2), num_points=self.cdl_points, generator=generator,
-            class_labels=None if labels is None else labels.repeat(2),
-        )  # fmt: skip
+        with torch.autocast(x0.device.type, enabled=False):
+            logit = self.noise_classifier_logit(
+                u, zeta.repeat(2), num_points=self.cdl_points, generator=generator,
+                class_labels=None if labels is None else labels.repeat(2),
+            )  # fmt: skip
         loss = F.softplus(-sign * logit).mean()
         accuracy = (sign * logit > 0).to(torch.float64).mean()
         return loss, accuracy
