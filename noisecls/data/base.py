@@ -245,7 +245,7 @@ class NoiseclsDataModule(L.LightningDataModule):
             sampler = StepIndexedSampler(
                 dataset, batch_size, num_replicas=self.world_size, rank=rank, seed=self.seed,
                 current_step=lambda: trainer.global_step if trainer is not None else 0,
-                accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
+                accumulate=int(getattr(trainer, "accumulate_grad_batches", 1)),
             )  # fmt: skip
         return DataLoader(
             dataset,
