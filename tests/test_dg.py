@@ -574,3 +574,21 @@ def test_dg_guides_with_the_sampler_that_wrote_the_fake_set(tmp_path: Path) -> N
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(NoiseclsError, match="parallel"):
         boosted.run_sampler(SamplerConfig("ddim", 5, parallel=True), x, VP.sampling_sigmas(5))
+
+
+def test_accumulated_micro_batches_of_one_step_draw_their_own_noise(tmp_path: Path) -> None:
+    """With accumulate_grad_batches 2 the two micro-batches of one optimizer step share
+    global_step; DG's time and noise draws must still differ between them (salted by the
+    micro-batch's index, as every method's are)."""
+    write_exact_fake_set(tmp_path / "fake", WRONG, 400, seed=1)
+    dm = RealFakeDataModule(toy_data(), str(tmp_path / "fake"), batch_size=64,
+                            fake_val_size=50, fake_test_size=0)  # fmt: skip
+    dg = DG(ResidualMLP(dim=2, hidden=16, num_blocks=1, head=ScalarHead()),
+            score_model=OracleModule(WRONG))  # fmt: skip
+    salts: list[tuple[int, ...]] = []
+    step_generator = dg.step_generator
+    dg.step_generator = lambda *salt: (salts.append(salt), step_generator(*salt))[1]
+    trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0).fit(
+        dg, datamodule=dm
+    )
+    assert len(salts) == 2 and salts[0] != salts[1]

@@ -592,11 +592,12 @@ class DG(DiffusionModule):
         x, y = batch
         is_real, labels = split_targets(y)
         labels = self.discriminator_labels(labels)
+        generator = self.step_generator(*self.micro_batch_salt(batch_idx))
         if self.cached_features is not None:
-            logits, _ = self.cached_logits(target_indices(y), labels, self.step_generator())
+            logits, _ = self.cached_logits(target_indices(y), labels, generator)
             loss, accuracy = self.classification(logits, is_real)
         else:
-            loss, extras = self.training_loss(x, labels, self.step_generator(), is_real)
+            loss, extras = self.training_loss(x, labels, generator, is_real)
             accuracy = extras["acc"]
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log("train/acc", accuracy, batch_size=x.shape[0])
