@@ -65,13 +65,14 @@ def rows_after_ddm(ddm_dir: Path, ddm_ckpt: Path) -> list[Row]:
     DDM run ``ddm_dir``: its checkpoint and its predict samples in ``ddm_dir/samples``)."""
     dg = ["--model.init_args.score_run", str(ddm_dir)]
     return [
-        Row("dg_guided", "dg_digits", dg, sampler_override=False),
+        Row("dg_guided", "dg_digits", dg, checkpoint="best.ckpt", sampler_override=False),
         Row(
             "dg_unguided",
             "dg_digits",
             dg,
             ["--model.init_args.guidance.weight", "0"],
             fit_from="dg_guided",
+            checkpoint="best.ckpt",
             sampler_override=False,
         ),
         Row("cdl_finetune", "cdl_digits", ["--model.init_args.init_from", str(ddm_ckpt)]),
