@@ -163,7 +163,7 @@ def train_arm(arm: Arm, steps: int, evals: set[int], mix, data, test, eps) -> li
             }
             if step == max(evals):
                 normalized = copy.deepcopy(trained)
-                log_z = normalized.normalize_levels(generator=torch.Generator().manual_seed(5))
+                log_z, _ = normalized.normalize_levels(generator=torch.Generator().manual_seed(5))
                 row["log_z0"], row["nll_ais"] = log_z[0].item(), nll_bits_per_dim(normalized, test)
                 row["offset_shift"] = refit_offsets(trained, mix)
                 row["nll_refit"] = nll_bits_per_dim(trained, test)

@@ -67,8 +67,9 @@ def test_ais_recovers_the_offsets_of_the_exact_classifier_and_the_exact_nll():
     exact_logits = mix.noise_level_log_densities(x, denoiser.net.a, denoiser.net.s) + offsets
     torch.testing.assert_close(denoiser.logits(x), exact_logits)  # the oracle's, vectorised
     g = torch.Generator().manual_seed(1)
-    log_z = cdm_log_normalizers(denoiser, [2], num_chains=1024, generator=g)
+    log_z, ess = cdm_log_normalizers(denoiser, [2], num_chains=1024, generator=g)
     expected = offsets - offsets[-1]
+    assert ess[-1] == 1 and 0.3 < ess[0] <= 1  # exact classifier: AIS weights stay balanced
     assert log_z[-1] == 0
     assert (log_z - expected).abs().max() < TOL
     # The one-pass likelihood with the normalisers removed is the exact data density.
@@ -112,7 +113,7 @@ def test_normalize_levels_normalises_q0_and_leaves_the_denoiser_unchanged():
     log_z0_before = log_z0_on_grid(model)
     assert abs(log_z0_before) > 0.5  # the random offsets leave q_0 unnormalised
 
-    log_z = model.normalize_levels(num_chains=256, generator=torch.Generator().manual_seed(5))
+    log_z, _ = model.normalize_levels(num_chains=256, generator=torch.Generator().manual_seed(5))
 
     assert abs(log_z[0].item() - log_z0_before) < TOL  # AIS vs quadrature, unnormalised model
     assert abs(log_z0_on_grid(model)) < TOL  # after: q_0 integrates to 1

@@ -18,7 +18,7 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from noisecls.errors import NoiseclsError
 from noisecls.randomness import derive_seed
@@ -35,19 +35,29 @@ class CDMLevelNormalization(L.Callback):
             backward passes of the chain batch per level, T + 1 levels).
         on_validation: also normalise at the start of every validation epoch (default: test
             only).
+        min_ess: warn (one line) when the AIS weights' effective sample size at level 0 is below
+            this fraction of the chains.
 
     Logs ``{stage}/cdm_log_z0``: log Z_0 in nats before the correction (0 for a normalised
-    model; the one-pass NLL moves by +log Z_0 nats per sample), and the time it took.
+    model; the one-pass NLL moves by +log Z_0 nats per sample), ``{stage}/cdm_ais_ess``: the
+    weights' effective sample size at level 0 as a fraction of the chains, and the time it took.
     """
 
-    def __init__(self, num_chains: int = 256, mala_steps: int = 1, on_validation: bool = False):
+    def __init__(
+        self,
+        num_chains: int = 256,
+        mala_steps: int = 1,
+        on_validation: bool = False,
+        min_ess: float = 0.1,
+    ):
         super().__init__()
-        if num_chains < 1 or mala_steps < 0:
+        if num_chains < 1 or mala_steps < 0 or not 0 <= min_ess <= 1:
             raise NoiseclsError(
-                f"CDMLevelNormalization needs num_chains >= 1 and mala_steps >= 0, got "
-                f"{num_chains}, {mala_steps}"
+                f"CDMLevelNormalization needs num_chains >= 1, mala_steps >= 0 and min_ess in "
+                f"[0, 1], got {num_chains}, {mala_steps}, {min_ess}"
             )
         self.num_chains, self.mala_steps, self.on_validation = num_chains, mala_steps, on_validation
+        self.min_ess = min_ess
 
     def normalize(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "normalize_levels"):
@@ -57,13 +67,22 @@ class CDMLevelNormalization(L.Callback):
         seed = derive_seed(getattr(pl_module, "seed", 0), trainer.global_step, 7)
         generator = torch.Generator(device=pl_module.device).manual_seed(seed)
         start = time.perf_counter()
-        log_z = pl_module.normalize_levels(self.num_chains, self.mala_steps, generator)
+        log_z, ess = pl_module.normalize_levels(self.num_chains, self.mala_steps, generator)
         seconds = time.perf_counter() - start
         rank_zero_info(
             f"CDMLevelNormalization ({stage}): log Z_0 = {log_z[0].item():+.4f} nats removed "
-            f"({self.num_chains} AIS chains, {self.mala_steps} MALA step(s)/level, {seconds:.0f}s)"
+            f"({self.num_chains} AIS chains, {self.mala_steps} MALA step(s)/level, {seconds:.0f}s, "
+            f"effective sample size {ess[0].item():.1%} of the chains)"
         )
+        if ess[0].item() < self.min_ess:
+            rank_zero_warn(
+                f"CDMLevelNormalization: the AIS weights' effective sample size is "
+                f"{ess[0].item():.1%} of the chains (< {self.min_ess:.0%}): log Z_0 is unreliable "
+                "and biased low, so the normalised NLL reads too good; raise num_chains or "
+                "mala_steps"
+            )
         pl_module.log(f"{stage}/cdm_log_z0", log_z[0].float(), sync_dist=True)
+        pl_module.log(f"{stage}/cdm_ais_ess", ess[0].float(), sync_dist=True)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking:

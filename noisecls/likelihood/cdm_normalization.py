@@ -29,13 +29,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from noisecls.denoisers import CDMDenoiser
 
-__all__ = ["cdm_log_normalizers"]
+__all__ = ["LevelNormalizers", "cdm_log_normalizers"]
+
+
+class LevelNormalizers(NamedTuple):
+    """AIS estimates of every level's normaliser and how far to trust them.
+
+    Attributes:
+        log_z: float64 [T + 2], log Z_t in nats (the last entry exactly 0).
+        ess: float64 [T + 2], the effective sample size of the chains' weights at each level as
+            a fraction of the chains, (sum w)^2 / (N sum w^2) in (0, 1]. Near 1 the estimate is
+            reliable; small values mean a few chains carry the estimate, whose log is then
+            unreliable and biased low (the one-pass NLL after normalising comes out too good).
+    """
+
+    log_z: Tensor
+    ess: Tensor
 
 
 def _log_q_and_score(
@@ -62,7 +78,7 @@ def cdm_log_normalizers(
     generator: torch.Generator | None = None,
     class_labels: Tensor | None = None,
     device: torch.device | str | None = None,
-) -> Tensor:
+) -> LevelNormalizers:
     """log Z_t = log ∫ exp(f_t(x) - f_{T+1}(x)) N(x; 0, I) dx for t = 0..T + 1 by AIS.
 
     Args:
@@ -81,9 +97,10 @@ def cdm_log_normalizers(
         device: where the chains live (default: the classifier's parameters' device).
 
     Returns:
-        float64 [T + 2]: log Z_t in nats; the last entry is exactly 0 (q_{T+1} = N(0, I)).
-        The estimate of Z_t (not of log Z_t) is unbiased; log of it is low by about half the
-        relative variance of the weights.
+        :class:`LevelNormalizers`: log Z_t in nats (float64 [T + 2]; the last entry is exactly 0,
+        q_{T+1} = N(0, I)) and the weights' effective sample size per level. The estimate of
+        Z_t (not of log Z_t) is unbiased; log of it is low by about half the relative variance
+        of the weights, which a small effective sample size flags.
     """
     if num_chains < 1 or mala_steps < 0:
         raise ValueError(f"need num_chains >= 1, mala_steps >= 0; got {num_chains}, {mala_steps}")
@@ -100,10 +117,12 @@ def cdm_log_normalizers(
     x = randn((num_chains, *data_shape))  # exact draws of q_{T+1} = N(0, I)
     log_w = torch.zeros(num_chains, dtype=torch.float64, device=device)
     log_z = torch.zeros(num, dtype=torch.float64, device=device)
+    ess = torch.full((num,), float(num_chains), dtype=torch.float64, device=device)
     for level in range(num - 2, -1, -1):  # move the chains from level + 1 to level
         log_q, score, f = _log_q_and_score(denoiser, x, level, class_labels)
         log_w = log_w + f[:, level] - f[:, level + 1]
         log_z[level] = torch.logsumexp(log_w, 0) - math.log(num_chains)
+        ess[level] = (2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)).exp()
         for _ in range(mala_steps):  # Metropolis-adjusted Langevin, invariant for q_level
             step = tau * score
             proposal = x + step + math.sqrt(2 * tau) * randn(x.shape)
@@ -118,4 +137,4 @@ def cdm_log_normalizers(
             score = torch.where(accept.view(-1, *[1] * len(data_shape)), score_new, score)
             log_q = torch.where(accept, log_q_new, log_q)
             tau = tau * 1.05 if accept_prob.mean().item() > target_acceptance else tau / 1.05
-    return log_z
+    return LevelNormalizers(log_z, ess / num_chains)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from noisecls.denoisers import CDMDenoiser, Denoiser, GuidedDenoiser
 from noisecls.errors import NoiseclsError
 from noisecls.likelihood import cdm_log_likelihood, dequantize, nll_to_bits_per_dim
-from noisecls.likelihood.cdm_normalization import cdm_log_normalizers
+from noisecls.likelihood.cdm_normalization import LevelNormalizers, cdm_log_normalizers
 from noisecls.methods.base import DiffusionModule, PredictConfig
 from noisecls.process.schedules import DiscreteSchedule
 from noisecls.randomness import derive_seed, per_example, randn_per_example
@@ -208,7 +208,7 @@ class CDM(DiffusionModule):
         num_chains: int = 256,
         mala_steps: int = 1,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
+    ) -> LevelNormalizers:
         """Make every level density q_t(x) = exp(f_t - f_{T+1}) N(x; 0, I) (eq. 10) integrate
         to 1: estimate log Z_t by annealed importance sampling down the levels
         (``noisecls.likelihood.cdm_normalization``) and subtract it from the logit f_t by
@@ -218,7 +218,8 @@ class CDM(DiffusionModule):
         the one-pass likelihood at every level is then that of a normalised density. The
         cross-entropy leaves these constants nearly free (README, "Why does CDM trail the DDM
         at equal steps?"). Needs the net's ``LogitsHead`` (``net.head.linear``) and
-        ``data_shape``. Returns the log Z_t [T + 2] (float64, nats) that were removed.
+        ``data_shape``. Returns the :class:`LevelNormalizers` removed (log Z_t [T + 2], float64
+        nats, and the AIS weights' effective sample size per level).
         """
         head = getattr(self.net, "head", None)
         linear = getattr(head, "linear", None)
@@ -227,7 +228,7 @@ class CDM(DiffusionModule):
                 "normalize_levels needs a net with a LogitsHead (net.head.linear with a bias) "
                 "and the model's data_shape"
             )
-        log_z = cdm_log_normalizers(
+        normalizers = cdm_log_normalizers(
             self.model,
             self.data_shape,
             num_chains=num_chains,
@@ -235,10 +236,11 @@ class CDM(DiffusionModule):
             generator=generator,
             device=linear.bias.device,
         )
+        log_z = normalizers.log_z
         shift = torch.diff(log_z, prepend=log_z.new_zeros(1)) if head.cumsum else log_z
         with torch.no_grad():
             linear.bias.sub_(shift.to(linear.bias))
-        return log_z
+        return normalizers
 
     def bits_per_dim(
         self,
