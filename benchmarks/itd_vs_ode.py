@@ -23,6 +23,7 @@ import torch
 
 import noisecls  # noqa: F401  (before lightning / torchvision: see noisecls._compat)
 from noisecls.data import DigitsDataModule
+from noisecls.errors import NoiseclsError
 from noisecls.likelihood import dequantize, itd_log_likelihood, nll_to_bits_per_dim
 from noisecls.likelihood.itd import GaussianReference, ITDConfig
 from noisecls.methods.dg import load_module_checkpoint
@@ -60,8 +61,13 @@ def main() -> int:
     parser.add_argument("--itd-points", type=int, default=256)
     parser.add_argument("--ode-steps", type=int, default=64)
     args = parser.parse_args()
+    if args.itd_points < 2 or args.ode_steps < 1:
+        parser.error("--itd-points must be at least 2 and --ode-steps at least 1")
     for path in args.checkpoints:
-        print(json.dumps(itd_and_ode_bits_per_dim(path, args.itd_points, args.ode_steps)))
+        try:
+            print(json.dumps(itd_and_ode_bits_per_dim(path, args.itd_points, args.ode_steps)))
+        except NoiseclsError as err:
+            sys.exit(f"itd_vs_ode: {err}")
     return 0
 
 
