@@ -16,6 +16,12 @@ with the config's callbacks plus:
     python benchmarks/study_cdl.py --data toy --base-steps 3000 --steps 1000 --seeds 0 1 2
     python benchmarks/study_cdl.py --data digits --base-steps 880 --steps 200 --seeds 0 1 2
     python benchmarks/study_cdl.py --data toy ... --cdl-weight 0.1   # a fixed 100x-official arm
+    python benchmarks/study_cdl.py --data digits --base DEQ.ckpt --dequantize-train ...
+
+``--dequantize-train`` (digits): both arms train on dequantized digits
+(``data.init_args.dequantize_train``; give a base trained the same way) and FID scores the
+samples quantized to the 17 levels (``FIDCallback(quantize_samples=true)``): the setting in
+which the ITD and ODE likelihoods of one checkpoint agree (README, "ITD vs ODE").
 
 Writes <out>/<data>/study.json and prints a table (mean ± sd over seeds, CDL/DDM ratio).
 Nothing here is tuned to make CDL win: the configs are the shipped ones.
@@ -35,7 +41,7 @@ from cli_runs import EXPERIMENTS, has_checkpoint, newest_checkpoint, noisecls, r
 OOD_SCALE = 1.5
 
 
-def test_config(data: str, out: Path, parallel: bool) -> Path:
+def test_config(data: str, out: Path, parallel: bool, dequantized: bool = False) -> Path:
     """cdl_<data>.yaml for testing: the config's callbacks (FID, NLL ODE + ITD, MSE) with every
     metric on in test, plus the off-distribution MSE; with ``parallel`` only the sample metric
     (FID / Frechet distance) under the Picard sampler."""
@@ -50,19 +56,22 @@ def test_config(data: str, out: Path, parallel: bool) -> Path:
         ood = {"class_path": mse["class_path"],
                "init_args": {**mse.get("init_args", {}), "noise_scale": OOD_SCALE}}  # fmt: skip
         callbacks = [*callbacks, ood]
-    config["trainer"]["callbacks"] = [
-        c for c in callbacks if not c["class_path"].endswith("SampleGridCallback")
-    ]
+    callbacks = [c for c in callbacks if not c["class_path"].endswith("SampleGridCallback")]
+    if dequantized:
+        fid = next(c for c in callbacks if c["class_path"].endswith("FIDCallback"))
+        fid["init_args"] = {**fid.get("init_args", {}), "quantize_samples": True}
+    config["trainer"]["callbacks"] = callbacks
     path = out / f"test_{data}{'_parallel' if parallel else ''}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def run_seed(
-    data: str, base: Path, steps: int, seed: int, out: Path, cdl_weight: str
+    data: str, base: Path, steps: int, seed: int, out: Path, cdl_weight: str, dequantized: bool
 ) -> dict[str, dict]:
     """Fine-tune CDL and continue the DDM from base for ``steps``; test both."""
     results = {}
+    data_options = ["--data.init_args.dequantize_train", "true"] if dequantized else []
     for label, weight in (("CDL", cdl_weight), ("DDM", "0.0")):
         run = out / f"{label.lower()}_seed{seed}"
         if not has_checkpoint(run):
@@ -71,14 +80,15 @@ def run_seed(
                      "--model.init_args.cdl_weight", weight, "--model.init_args.seed", str(seed),
                      "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
                      "--trainer.default_root_dir", str(run), "--trainer.logger", "CSVLogger",
-                     "--trainer.logger.save_dir", str(run / "logs"),
+                     "--trainer.logger.save_dir", str(run / "logs"), *data_options,
                      cwd=out)  # fmt: skip
         ckpt = str(newest_checkpoint(run))
         metrics: dict[str, float] = {}
         for parallel in (False, True):
             test_dir = run / ("test_parallel" if parallel else "test")
             if not sorted(test_dir.rglob("results.json")):
-                noisecls("test", "--config", str(test_config(data, out, parallel)), "--ckpt_path",
+                config = test_config(data, out, parallel, dequantized)
+                noisecls("test", "--config", str(config), "--ckpt_path",
                          ckpt, "--trainer.default_root_dir", str(test_dir),
                          cwd=out)  # fmt: skip
             found = read_results(test_dir)
@@ -133,20 +143,31 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/study_cdl"))
     parser.add_argument("--cdl-weight", default="official", help="the CDL arm's cdl_weight")
+    parser.add_argument(
+        "--dequantize-train",
+        action="store_true",
+        help="digits: train on dequantized data, FID of quantized samples",
+    )
     args = parser.parse_args()
+    if args.dequantize_train and args.data != "digits":
+        parser.error("--dequantize-train is for --data digits (the toy is continuous)")
     out = (args.out / args.data).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = args.base
     if base is None:
         base_run = out / "base"
         if not has_checkpoint(base_run):
-            noisecls("fit", "--config", str(EXPERIMENTS / f"ddm_{args.data}.yaml"),
+            deq = ["--data.init_args.dequantize_train", "true"] if args.dequantize_train else []
+            noisecls("fit", "--config", str(EXPERIMENTS / f"ddm_{args.data}.yaml"), *deq,
                      "--trainer.max_steps", str(args.base_steps),
                      "--trainer.default_root_dir", str(base_run),
                      cwd=out)  # fmt: skip
         base = newest_checkpoint(base_run)
     per_seed = [
-        run_seed(args.data, base.resolve(), args.steps, s, out, args.cdl_weight) for s in args.seeds
+        run_seed(
+            args.data, base.resolve(), args.steps, s, out, args.cdl_weight, args.dequantize_train
+        )
+        for s in args.seeds
     ]
     rows = summarise(per_seed)
     (out / "study.md").write_text(markdown(rows))

@@ -30,6 +30,7 @@ from noisecls.data import (
     ToyDataModule,
     per_device_batch_size,
 )
+from noisecls.data.base import NoiseclsDataModule
 from noisecls.errors import NoiseclsError
 from noisecls.oracles import GaussianMixture
 
@@ -246,6 +247,81 @@ def test_digits_in_a_real_trainer() -> None:
     trainer.fit(probe, datamodule=DigitsDataModule(batch_size=32))
     assert probe.shapes[:2] == [((32, 1, 8, 8), torch.int64)] * 2
     assert probe.shapes[-1] == ((32, 1, 8, 8), torch.int64)
+
+
+class _BatchRecorder(L.LightningModule):
+    """Records every training / validation x it is given (a linear model, so fits are fast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 1)
+        self.train_x: list[torch.Tensor] = []
+        self.val_x: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.train_x.append(batch[0].clone())
+        return self.lin(batch[0].flatten(1)).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.val_x.append(batch[0].clone())
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit_recording(dequantize_train: bool) -> _BatchRecorder:
+    recorder = _BatchRecorder()
+    trainer = L.Trainer(
+        max_steps=3, accumulate_grad_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+        val_check_interval=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    dm = DigitsDataModule(batch_size=32, dequantize_train=dequantize_train)
+    trainer.fit(recorder, datamodule=dm)
+    return recorder
+
+
+def test_digits_dequantized_training_batches() -> None:
+    """dequantize_train: training batches are the lattice batches plus uniform noise inside each
+    pixel's bin (bins of width 2/17 tiling [-1, 1]), fresh per micro-batch, reproducible;
+    validation batches stay on the lattice."""
+    plain, deq = _fit_recording(False), _fit_recording(True)
+    assert len(deq.train_x) == len(plain.train_x) == 6  # 3 optimizer steps x 2 micro-batches
+    for lattice, x in zip(plain.train_x, deq.train_x, strict=True):
+        assert torch.isin(lattice, LEVELS_17).all() and not torch.isin(x, LEVELS_17).any()
+        position = (x + 1) / 2 * 17  # = k + u with k the lattice level, u ~ U[0, 1)
+        k = torch.floor(position)
+        assert torch.equal(k / 16 * 2 - 1, lattice)
+    u = torch.cat([(x + 1) / 2 * 17 - torch.floor((x + 1) / 2 * 17) for x in deq.train_x])
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    u_first, u_second = ((x + 1) / 2 * 17 % 1 for x in deq.train_x[:2])  # one optimizer step
+    assert not torch.allclose(u_first, u_second)
+    assert all(torch.isin(v, LEVELS_17).all() for v in deq.val_x) and deq.val_x
+    again = _fit_recording(True)
+    assert all(torch.equal(a, b) for a, b in zip(deq.train_x, again.train_x, strict=True))
+
+
+def test_dequantization_noise_does_not_depend_on_world_size() -> None:
+    """Rank r of 2 gets rows r·n .. (r+1)·n - 1 of the noise a 1-rank run draws."""
+    x = LEVELS_17[torch.randint(0, 17, (8, 1, 8, 8), generator=torch.Generator().manual_seed(0))]
+    y = torch.zeros(8, dtype=torch.long)
+
+    def hook(world_size: int, rank: int, rows: slice) -> torch.Tensor:
+        dm = DigitsDataModule(batch_size=8, dequantize_train=True)
+        dm.trainer = SimpleNamespace(  # type: ignore[assignment]
+            training=True, global_step=5, global_rank=rank, world_size=world_size
+        )
+        return dm.on_after_batch_transfer((x[rows], y[rows]), 0)[0]
+
+    whole = hook(1, 0, slice(0, 8))
+    halves = torch.cat([hook(2, 0, slice(0, 4)), hook(2, 1, slice(4, 8))])
+    assert torch.equal(whole, halves) and not torch.equal(whole, x)
+
+    class Continuous(NoiseclsDataModule):
+        data_shape = (2,)
+
+    with pytest.raises(ValueError, match="dequantize_train needs quantized data"):
+        Continuous(batch_size=4, dequantize_train=True)
 
 
 # ============================================================================ CIFAR-10

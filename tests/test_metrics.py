@@ -32,6 +32,7 @@ from noisecls.callbacks import (
 from noisecls.callbacks.results import shard_rounds
 from noisecls.data import DigitsDataModule, ToyDataModule
 from noisecls.errors import NoiseclsError
+from noisecls.likelihood import dequantize, quantize
 from noisecls.likelihood.ode import ode_likelihood
 from noisecls.methods import DDM
 from noisecls.methods.base import DiffusionModule
@@ -202,6 +203,33 @@ def test_fid_self_zero_heldout_small_noise_large(digits: DigitsDataModule, tmp_p
     # KID with one subset of everything (both "subsets" are permutations of all the data)
     assert noise["kid"] == pytest.approx(_mmd2_unbiased_poly(real, fake), rel=1e-4)
     assert noise["kid_std"] == pytest.approx(0.0, abs=1e-9 * noise["kid"])
+
+
+def test_fid_of_quantized_samples(digits: DigitsDataModule, tmp_path: Path) -> None:
+    """quantize_samples maps a dequantized sample back to its digit exactly (quantize inverts
+    dequantize), so replaying dequantized training digits scores FID ~0 with it and far more
+    without; on continuous data the option is a one-line error."""
+    train = digits.reference_dataset().x
+    x64 = train.double()
+    assert torch.equal(quantize(dequantize(x64, 17, torch.Generator().manual_seed(0)), 17), x64)
+    noisy = dequantize(train, 17, torch.Generator().manual_seed(1))
+
+    def fid_of(quantize_samples: bool) -> float:
+        cb = FIDCallback(
+            num_samples=train.shape[0], batch_size=500, feature_extractor=TinyCNN(),
+            real_stats_cache_dir=str(tmp_path), compute_kid=False,
+            quantize_samples=quantize_samples,
+        )  # fmt: skip
+        _trainer(tmp_path, [cb]).test(Replay(noisy), datamodule=digits, verbose=False)
+        return cb.last_result["fid"]
+
+    raw, quantized = fid_of(False), fid_of(True)
+    assert abs(quantized) < 1e-3 * raw
+    cb = FIDCallback(num_samples=4, feature_extractor=TinyCNN(), quantize_samples=True,
+                     real_stats_cache_dir=str(tmp_path))  # fmt: skip
+    with pytest.raises(NoiseclsError, match=r"quantize_samples=true\) needs quantized data"):
+        _trainer(tmp_path, [cb]).test(Replay(torch.zeros(4, 2)), datamodule=ToyDataModule(),
+                                      verbose=False)  # fmt: skip
 
 
 def test_real_statistics_cache(digits: DigitsDataModule, tmp_path: Path) -> None:

@@ -58,6 +58,8 @@ from noisecls.callbacks.results import (
     should_evaluate,
     split_batch,
 )
+from noisecls.errors import NoiseclsError
+from noisecls.likelihood.dequantize import quantize
 from noisecls.metrics import FeatureStatistics, frechet_distance, kid_from_features
 from noisecls.randomness import derive_seed
 from noisecls.samplers import SamplerConfig
@@ -142,6 +144,11 @@ class FIDCallback(EvaluationCallback):
             statistics (None: all).
         sampler: sampler for generation; default the module's own ``sampler``.
         seed: base seed of the generation (global batch b uses ``derive_seed(seed, b)``).
+        quantize_samples: map every sample to the data's levels with
+            :func:`noisecls.likelihood.quantize` (the DataModule's ``num_bins``) before its
+            features: the discrete samples of a model trained on dequantized data
+            (``data.init_args.dequantize_train``), whose raw samples carry the dequantization
+            noise the training images do not.
 
     Attributes:
         last_result: after each evaluation: fid, kid, kid_std, num_fake, num_real,
@@ -163,6 +170,7 @@ class FIDCallback(EvaluationCallback):
         max_real_samples: int | None = None,
         sampler: SamplerConfig | None = None,
         seed: int = 0,
+        quantize_samples: bool = False,
     ) -> None:
         if num_samples < 2 or batch_size < 1 or kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError(
@@ -185,6 +193,7 @@ class FIDCallback(EvaluationCallback):
         self.max_real_samples = max_real_samples
         self.sampler = sampler
         self.seed = seed
+        self.quantize_samples = quantize_samples
         self._real: dict[str, RealStatistics] = {}
         self._prepared = False
         self.last_result: dict[str, Any] = {}
@@ -192,10 +201,12 @@ class FIDCallback(EvaluationCallback):
 
     # ---- lifecycle -----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check (cheaply) that the extractor can be prepared: a missing Inception weights file
-        is reported before training starts, not at the first evaluation."""
+        """Check (cheaply) that the extractor can be prepared and that samples can be quantized:
+        a missing Inception weights file is reported before training starts, not at the first
+        evaluation."""
         super().setup(trainer, pl_module, stage)
         if stage in ("fit", "validate", "test"):
+            self._sample_levels(trainer)
             if self.extractor is None:
                 self.extractor = InceptionFeatures()
             self.extractor.check()
@@ -263,6 +274,7 @@ class FIDCallback(EvaluationCallback):
         fake_rows: list[Tensor] = []
         sampler = self.sampler or getattr(pl_module, "sampler", None)
         num_classes = getattr(trainer.datamodule, "num_classes", None)
+        num_bins = self._sample_levels(trainer)
         local_generated, nfe = 0, None
         rounds = shard_rounds(
             self.num_samples, self.batch_size, trainer.world_size, trainer.global_rank
@@ -279,6 +291,8 @@ class FIDCallback(EvaluationCallback):
                     kwargs["class_labels"] = labels
                 out = call_supported(pl_module.sample, len(items), **kwargs)
                 samples, nfe = out if isinstance(out, tuple) else (out, None)
+                if num_bins is not None:
+                    samples = quantize(samples, num_bins)
                 features = self.extractor(samples.to(device)).float()
                 local_generated += len(items)
             for rows in gather_round(
@@ -304,6 +318,18 @@ class FIDCallback(EvaluationCallback):
                 subset_size=self.kid_subset_size, generator=g,
             )  # fmt: skip
         return result
+
+    def _sample_levels(self, trainer: L.Trainer) -> int | None:
+        """The levels samples are quantized to (None: ``quantize_samples`` is off)."""
+        if not self.quantize_samples:
+            return None
+        num_bins = getattr(trainer.datamodule, "num_bins", None)
+        if num_bins is None:
+            raise NoiseclsError(
+                "FIDCallback(quantize_samples=true) needs quantized data (the DataModule's "
+                "num_bins), but the data are continuous; set quantize_samples false"
+            )
+        return int(num_bins)
 
     # ---- reference statistics ------------------------------------------------------------
     def cache_key(self, trainer: L.Trainer, dataset: Dataset) -> dict[str, Any]:

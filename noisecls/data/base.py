@@ -14,6 +14,9 @@ Conventions of every DataModule in :mod:`noisecls.data`:
 * splits are fixed by a seed; the training loader shuffles (batches a function of seed, global
   step and rank, so resumed runs see the same batches) and
   drops the last incomplete batch, validation / test loaders keep the order and every sample.
+* ``dequantize_train`` (quantized data only) feeds training steps uniformly dequantized batches,
+  the density that dequantized bits/dim measure; the noise is a function of (seed, global step,
+  micro-batch, position in the global batch), like the methods' training noise.
 * :meth:`NoiseclsDataModule.train_covariance` gives the covariance of the flattened training
   data (CDL's estimator needs its spectrum), computed lazily and cached.
 """
@@ -31,6 +34,8 @@ from torch.utils.data._utils.collate import default_collate
 
 from noisecls.data.sampling import StepIndexedSampler
 from noisecls.errors import NoiseclsError
+from noisecls.likelihood.dequantize import dequantize
+from noisecls.randomness import StepGenerator, derive_seed, per_example
 
 __all__ = [
     "BatchSizeError",
@@ -152,6 +157,13 @@ class NoiseclsDataModule(L.LightningDataModule):
         seed: seed of the splits (and of toy data generation) and of the training shuffle.
         num_workers: DataLoader worker processes (``persistent_workers`` is on when > 0).
         pin_memory: pin host memory; default: when CUDA is available.
+        dequantize_train: train on uniformly dequantized batches x + u (``num_bins`` levels,
+            see :func:`noisecls.likelihood.dequantize`) instead of the lattice values. Likelihood
+            callbacks always score dequantized held-out data; a model trained on the lattice
+            learns that, at small sigma, the noise is identifiable from the lattice, which is
+            wrong off it, and the ITD bound charges for it (Kong et al. 2023 fine-tune on
+            dequantized data for their ITD likelihoods for this reason). Validation / test
+            batches are never changed.
     """
 
     data_shape: tuple[int, ...]
@@ -166,8 +178,14 @@ class NoiseclsDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        dequantize_train: bool = False,
     ) -> None:
         super().__init__()
+        if dequantize_train and self.num_bins is None:
+            raise ValueError(
+                f"data.init_args.dequantize_train needs quantized data, but {type(self).__name__} "
+                "is continuous (num_bins is None); leave dequantize_train false"
+            )
         if batch_size < 1:
             raise BatchSizeError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size < 1:
@@ -187,6 +205,8 @@ class NoiseclsDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         self._built = False
         self._stats_cache: dict[int | None, tuple[Tensor, Tensor]] = {}
+        self.dequantize_train = dequantize_train
+        self._micro_batch = (-1, 0)  # (global step, micro-batches of it seen)
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -232,6 +252,28 @@ class NoiseclsDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} split")
         return dataset
+
+    # ------------------------------------------------------------------ batches
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Dequantize training batches when ``dequantize_train`` (others pass through)."""
+        trainer = getattr(self, "trainer", None)
+        if not self.dequantize_train or trainer is None or not trainer.training:
+            return batch
+        x, y = batch
+        step = int(trainer.global_step)
+        last_step, seen = self._micro_batch
+        micro = seen if step == last_step else 0  # k > 1 micro-batches share a global step
+        self._micro_batch = (step, micro + 1)
+        g = StepGenerator(
+            x.device, derive_seed(self.seed, step, 0xDE9, micro),
+            rank=int(trainer.global_rank), world_size=int(trainer.world_size),
+        )  # fmt: skip
+
+        def draw(m: int) -> Tensor:
+            return torch.rand((m, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+
+        u = per_example(g, x.shape[0], draw)
+        return dequantize(x, self.num_bins, uniform=u), y  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:

@@ -53,6 +53,8 @@ class DigitsDataModule(NoiseclsDataModule):
         upsample: how to reach ``image_size`` > 8: "nearest" (pixel repetition) or "pad".
         num_workers: DataLoader workers (0 is right for in-memory data).
         pin_memory: pin host memory (default: when CUDA is available).
+        dequantize_train: train on uniformly dequantized digits (see
+            :class:`noisecls.data.base.NoiseclsDataModule`).
 
     Attributes:
         data_shape: (1, image_size, image_size).
@@ -73,8 +75,11 @@ class DigitsDataModule(NoiseclsDataModule):
         upsample: Literal["nearest", "pad"] = "nearest",
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        dequantize_train: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, num_workers, pin_memory)
+        super().__init__(
+            batch_size, eval_batch_size, seed, num_workers, pin_memory, dequantize_train
+        )
         self.save_hyperparameters()
         if image_size not in (8, 16, 32):
             raise ValueError(f"data.init_args.image_size must be 8, 16 or 32, got {image_size}")

@@ -194,6 +194,8 @@ class CIFAR10DataModule(NoiseclsDataModule):
         seed: seed of the held-out split and of the training shuffle.
         num_workers: DataLoader workers.
         pin_memory: pin host memory (default: when CUDA is available).
+        dequantize_train: train on uniformly dequantized images (for ITD / dequantized
+            likelihoods; see :class:`noisecls.data.base.NoiseclsDataModule`).
 
     Attributes:
         data_shape: (3, 32, 32). num_bins: 256.
@@ -220,8 +222,11 @@ class CIFAR10DataModule(NoiseclsDataModule):
         seed: int = 0,
         num_workers: int = 4,
         pin_memory: bool | None = None,
+        dequantize_train: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, num_workers, pin_memory)
+        super().__init__(
+            batch_size, eval_batch_size, seed, num_workers, pin_memory, dequantize_train
+        )
         self.save_hyperparameters()
         self.root = os.path.expanduser(str(root))
         self.download = download

@@ -4,11 +4,12 @@
 - ``ode.ode_likelihood`` / ``ode_log_likelihood``: probability-flow ODE (fixed-step RK4 or
   adaptive dopri5) with exact or Hutchinson trace; the former also returns latent and NFE.
 - ``itd.itd_log_likelihood``: information-theoretic (MMSE over log-SNR) estimate, as CDL uses.
-- ``dequantize``: uniform dequantization of k-level data and the bits/dim conversion.
+- ``dequantize``: uniform dequantization of k-level data, its inverse ``quantize`` and the
+  bits/dim conversion.
 """
 
 from noisecls.likelihood.cdm import cdm_log_density, cdm_log_likelihood
-from noisecls.likelihood.dequantize import dequantize, nll_to_bits_per_dim
+from noisecls.likelihood.dequantize import dequantize, nll_to_bits_per_dim, quantize
 from noisecls.likelihood.elbo import ddpm_elbo_nll
 from noisecls.likelihood.itd import GaussianReference, ITDConfig, itd_log_likelihood
 from noisecls.likelihood.ode import ODELikelihood, ode_likelihood, ode_log_likelihood
@@ -25,4 +26,5 @@ __all__ = [
     "nll_to_bits_per_dim",
     "ode_likelihood",
     "ode_log_likelihood",
+    "quantize",
 ]

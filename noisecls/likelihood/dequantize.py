@@ -14,11 +14,32 @@ import torch
 from torch import Tensor
 
 
-def dequantize(x: Tensor, num_bins: int, generator: torch.Generator | None = None) -> Tensor:
-    """Map quantized x [B, ...] in [-1, 1] (num_bins levels) to a uniform-dequantized sample."""
+def dequantize(
+    x: Tensor,
+    num_bins: int,
+    generator: torch.Generator | None = None,
+    uniform: Tensor | None = None,
+) -> Tensor:
+    """Map quantized x [B, ...] in [-1, 1] (num_bins levels) to a uniform-dequantized sample;
+    ``uniform`` (shaped like x, values in [0, 1)) is the noise u, drawn from ``generator`` when
+    not given."""
     k = torch.round((x + 1) / 2 * (num_bins - 1))
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (k + u) / num_bins * 2 - 1
+    if uniform is None:
+        uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (k + uniform) / num_bins * 2 - 1
+
+
+def quantize(x: Tensor, num_bins: int) -> Tensor:
+    """The inverse of :func:`dequantize`: the level k whose bin [k, k + 1)·2/num_bins - 1 holds
+    each value of x [B, ...] (clamped to the outer bins), as the lattice value k/(K-1)·2 - 1.
+
+    A model of dequantized data (trained with ``dequantize_train``) describes the discrete
+    data through P(k) = ∫_bin(k) p(y) dy, so its discrete samples are its continuous samples
+    mapped to their bins. The bins are not centred on the lattice values (level 0's bin is
+    [-1, -1 + 2/K), with its lattice value -1 at the edge), so rounding to the nearest lattice
+    value is a different map."""
+    k = torch.floor((x + 1) / 2 * num_bins).clamp(0, num_bins - 1)
+    return k / (num_bins - 1) * 2 - 1
 
 
 def nll_to_bits_per_dim(nll_nats: Tensor, num_dims: int, num_bins: int | None = None) -> Tensor:
