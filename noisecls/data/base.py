@@ -161,9 +161,12 @@ class NoiseclsDataModule(L.LightningDataModule):
             see :func:`noisecls.likelihood.dequantize`) instead of the lattice values. Likelihood
             callbacks always score dequantized held-out data; a model trained on the lattice
             learns that, at small sigma, the noise is identifiable from the lattice, which is
-            wrong off it, and the ITD bound charges for it (Kong et al. 2023 fine-tune on
-            dequantized data for their ITD likelihoods for this reason). Validation / test
-            batches are never changed.
+            wrong off it, and the ITD bound charges for it (digits at 4000 steps: ITD - ODE
+            0.41 bits/dim on the lattice, 0.04 dequantized). Training a continuous density on
+            uniformly dequantized data is the standard recipe for likelihoods of discrete data
+            (Uria et al. 2013; Theis et al. 2016); its discrete samples are
+            :func:`noisecls.likelihood.quantize` of its samples. Validation / test batches are
+            never changed.
     """
 
     data_shape: tuple[int, ...]
